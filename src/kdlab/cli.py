@@ -1,0 +1,149 @@
+"""The `kdlab` command line. Subcommands import their heavy dependencies inside `main`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdlab", description="Knowledge distillation of language models."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="built-in task end to end: teacher, students, report")
+    demo.add_argument("--quick", action="store_true", help="a smaller demo (about 2 minutes)")
+    demo.add_argument("--out", default="kdlab-demo", help="output folder (default: kdlab-demo)")
+    demo.add_argument("--seeds", type=int, default=None, help="seeds per method")
+
+    distill = sub.add_parser("distill", help="one distillation run from a YAML config")
+    distill.add_argument("config", nargs="?", help="YAML run config")
+    distill.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.max_steps=3 (repeatable)",
+    )
+    distill.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    distill.add_argument(
+        "--help-config", action="store_true", help="list every config field and exit"
+    )
+
+    ev = sub.add_parser("eval", help="accuracy / perplexity / fidelity of a saved model")
+    ev.add_argument("--model", required=True, help="model path or hub id")
+    ev.add_argument("--teacher", default=None, help="teacher path or hub id (for fidelity)")
+    ev.add_argument("--task", required=True, help="built-in task: arith or oracle")
+    ev.add_argument("--num-examples", type=int, default=200, help="held-out examples")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--out", default=None, help="JSON file for the metrics")
+
+    sub.add_parser("losses", help="registered losses, their hyperparameters and papers")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    _setup_logging()
+    from kdlab.config import ConfigError
+    from kdlab.data.datasets import DataError
+    from kdlab.models.loading import ModelError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, DataError, ModelError) as err:
+        print(f"kdlab: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kdlab: interrupted; finished steps are checkpointed (use --resume)", file=sys.stderr)
+        return 130
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("kdlab").setLevel(logging.INFO)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kdlab.demo import run_demo
+
+    run_demo(out=args.out, quick=args.quick, seeds=args.seeds)
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from kdlab.config import describe_fields, load_config
+
+    if args.help_config:
+        for key, tp, default, text in describe_fields():
+            print(f"{key:28s} {tp:32s} {default:14s} {text}")
+        return 0
+    if not args.config:
+        print("kdlab: error: distill needs a CONFIG file (see configs/)", file=sys.stderr)
+        return EXIT_USAGE
+    config = load_config(args.config, args.overrides)
+    from kdlab.pipeline import run_distill
+
+    summary = run_distill(config, resume=args.resume)
+    print(f"done: {summary.steps} steps; student saved to {summary.output_dir / 'student'}")
+    for key, value in summary.eval.items():
+        print(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from kdlab.eval.evaluate import evaluate_saved
+
+    metrics = evaluate_saved(
+        model=args.model,
+        teacher=args.teacher,
+        task=args.task,
+        num_examples=args.num_examples,
+        batch_size=args.batch_size,
+    )
+    for key, value in metrics.items():
+        print(f"{key:24s} {value:.4f}" if isinstance(value, float) else f"{key:24s} {value}")
+    out = Path(args.out) if args.out else Path(args.model) / f"eval_{args.task}.json"
+    if out.parent.is_dir():
+        out.write_text(json.dumps(metrics, indent=2))
+        print(f"saved to {out}")
+    return 0
+
+
+def _cmd_losses(args: argparse.Namespace) -> int:
+    from kdlab.losses import available_losses, loss_info
+
+    for name in available_losses():
+        info = loss_info(name)
+        hps = ", ".join(f"{k}={v!r}" for k, v in info["hparams"].items()) or "-"
+        print(f"{name:8s} {hps}")
+        print(f"{'':8s} {info['paper']}")
+    return 0
+
+
+_COMMANDS = {
+    "demo": _cmd_demo,
+    "distill": _cmd_distill,
+    "eval": _cmd_eval,
+    "losses": _cmd_losses,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

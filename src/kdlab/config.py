@@ -1,0 +1,368 @@
+"""The typed run config: YAML + `--set key=value` overrides, validated before any model loads.
+
+Top-level sections (the contract): `teacher`, `student`, `data`, `loss`, `regime`, `train`, `eval`,
+`output_dir`. Every field has a help string (`kdlab distill --help-config` prints them all); an
+unknown key, a wrong type, an out-of-range value, an unknown loss or loss hyperparameter is one
+`ConfigError` that names the field and lists the valid choices.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class ConfigError(ValueError):
+    """A problem with a run config, raised before any work starts."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if "default_factory" in kw:
+        return field(metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model: str = _help(
+        "hub id, local path, or built-in preset (`preset:tiny|small|base` random-initialised, "
+        "`preset:teacher` = the built-in task's trained teacher, trained once and cached)"
+    )
+    revision: str | None = _help("hub revision (branch, tag or commit)", None)
+    tokenizer: str | None = _help("tokenizer id/path when it differs from `model`", None)
+    dtype: Literal["float32", "bfloat16", "float16"] = _help("weights dtype", "float32")
+    trust_remote_code: bool = _help("allow custom modelling code from the hub (off: safer)", False)
+    seed: int = _help("initialisation seed for random presets", 0)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: str = _help(
+        "`task:arith`, `task:oracle`, a local .jsonl/.json/.parquet/.csv file, or a hub id",
+        "task:arith",
+    )
+    split: str = _help("split to train on (files and hub datasets)", "train")
+    eval_split: str | None = _help(
+        "split to evaluate on; none: the last `eval.num_examples` records are held out", None
+    )
+    num_examples: int | None = _help(
+        "training examples: generated for tasks (default 2000), a cap for datasets", None
+    )
+    task_args: dict[str, Any] = _help(
+        "keyword arguments of the built-in task (e.g. {digits: 3})", default_factory=dict
+    )
+    prompt_field: str = _help("column with the prompt", "prompt")
+    completion_field: str = _help("column with the completion", "completion")
+    messages_field: str = _help("column with chat messages (used when present)", "messages")
+    max_length: int = _help("maximum tokens per example (prompt + completion)", 256)
+    overlong: Literal["error", "truncate", "drop"] = _help(
+        "what to do with longer examples: stop with an error, cut the completion, or drop them",
+        "error",
+    )
+    completion_only: bool = _help("only completion tokens count in the loss", True)
+    seed: int = _help("seed for generating task data", 1234)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str = _help("registered loss name (`kdlab losses` lists them)", "fkl")
+    hparams: dict[str, Any] = _help(
+        "the loss's hyperparameters, written beside `name` in YAML", default_factory=dict
+    )
+
+
+@dataclass(frozen=True)
+class RegimeSpec:
+    name: str = _help("where training sequences come from", "off_policy")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    max_steps: int = _help("optimiser steps", 100)
+    batch_size: int = _help("examples per micro-batch per process", 16)
+    grad_accum: int = _help("micro-batches per optimiser step", 1)
+    lr: float = _help("peak learning rate", 5e-5)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    warmup_steps: int = _help("linear learning-rate warm-up steps", 0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _help(
+        "learning-rate schedule after warm-up", "linear"
+    )
+    max_grad_norm: float = _help("gradient clipping norm (0: off)", 1.0)
+    kd_weight: float = _help("weight of the distillation loss", 1.0)
+    ce_weight: float = _help("weight of the hard-label cross-entropy", 0.0)
+    seed: int = _help("seed for data order and sampling", 0)
+    precision: Literal["fp32", "bf16"] = _help("training precision (bf16: mixed precision)", "fp32")
+    chunked: Literal["auto"] | bool = _help(
+        "compute the loss from hidden states in token chunks, never holding full logits of "
+        "both models (auto: when the vocabulary has >= 16384 entries)",
+        "auto",
+    )
+    chunk_size: int = _help("tokens per chunk for the chunked loss", 1024)
+    save_every: int = _help("checkpoint every N steps (0: only at the end)", 0)
+    log_every: int = _help("print a log line every N steps", 10)
+    report_to: list[str] = _help(
+        "extra loggers through accelerate's trackers: wandb, tensorboard", default_factory=list
+    )
+    progress: bool = _help("show a progress bar", True)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    enabled: bool = _help("evaluate the student (and teacher) after training", True)
+    num_examples: int = _help("held-out examples for evaluation", 200)
+    batch_size: int = _help("evaluation batch size", 64)
+    teacher: bool = _help("also evaluate the teacher (accuracy), for the report", False)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    teacher: ModelSpec | None = _help("the teacher (omit for losses that need none, e.g. ce)", None)
+    student: ModelSpec = _help("the student", default_factory=lambda: ModelSpec(model="preset:small"))
+    data: DataSpec = _help("training and evaluation data", default_factory=DataSpec)
+    loss: LossSpec = _help("the distillation loss", default_factory=LossSpec)
+    regime: RegimeSpec = _help("where training sequences come from", default_factory=RegimeSpec)
+    train: TrainSpec = _help("optimisation", default_factory=TrainSpec)
+    eval: EvalSpec = _help("evaluation after training", default_factory=EvalSpec)
+    output_dir: str = _help("run folder", "runs/kdlab")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, as written to `config.yaml` (loss hyperparameters beside `name`)."""
+        data = dataclasses.asdict(self)
+        loss = data["loss"]
+        data["loss"] = {"name": loss["name"], **loss["hparams"]}
+        return data
+
+
+_RANGES: dict[str, tuple[float, float | None]] = {
+    "train.max_steps": (1, None),
+    "train.batch_size": (1, None),
+    "train.grad_accum": (1, None),
+    "train.lr": (0, None),
+    "train.weight_decay": (0, None),
+    "train.warmup_steps": (0, None),
+    "train.max_grad_norm": (0, None),
+    "train.kd_weight": (0, None),
+    "train.ce_weight": (0, None),
+    "train.chunk_size": (1, None),
+    "train.save_every": (0, None),
+    "train.log_every": (1, None),
+    "data.max_length": (2, None),
+    "data.num_examples": (1, None),
+    "eval.num_examples": (1, None),
+    "eval.batch_size": (1, None),
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp) and type(value) is type(
+            next(a for a in typing.get_args(tp) if a == value)
+        ):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-3` as a string
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config error at {where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error at {where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"config error: unknown key(s) {', '.join(f'{where}.{k}'.lstrip('.') for k in unknown)}"
+            f"; valid keys{' in ' + where if where else ''}: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        if name in data:
+            path = f"{where}.{name}".lstrip(".")
+            kwargs[name] = _coerce(data[name], hints[name], path)
+            _check_range(path, kwargs[name])
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs]
+        raise ConfigError(f"config error at {where}: missing {', '.join(missing)}") from err
+
+
+def _check_range(path: str, value: Any) -> None:
+    if path not in _RANGES or value is None:
+        return
+    low, high = _RANGES[path]
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"config error at {path}: must be {bound}, got {value!r}")
+
+
+def _split_loss(raw: dict[str, Any]) -> dict[str, Any]:
+    """YAML writes `loss: {name: jsd, beta: 0.3}`; the spec keeps hyperparameters apart."""
+    loss = dict(raw.get("loss") or {})
+    name = loss.pop("name", LossSpec.name)
+    hparams = dict(loss.pop("hparams", {}) or {})
+    hparams.update(loss)
+    return {**raw, "loss": {"name": name, "hparams": hparams}}
+
+
+def _validate_loss(spec: LossSpec) -> None:
+    from kdlab.losses import build_loss
+
+    try:
+        build_loss(spec.name, **spec.hparams)
+    except ValueError as err:
+        raise ConfigError(f"config error at loss: {err}") from err
+
+
+def _validate_regime(spec: RegimeSpec) -> None:
+    from kdlab.regimes import REGIMES
+
+    try:
+        REGIMES.get(spec.name)
+    except ValueError as err:
+        raise ConfigError(f"config error at regime.name: {err}") from err
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Validate plain data (parsed YAML) into a `RunConfig`; raises `ConfigError`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: the config must be a mapping, got {type(raw).__name__}")
+    config = _build(RunConfig, _split_loss(raw), "")
+    if config.train.report_to:
+        bad = sorted(set(config.train.report_to) - {"wandb", "tensorboard"})
+        if bad:
+            raise ConfigError(
+                f"config error at train.report_to: unknown logger(s) {bad}; valid: wandb, tensorboard"
+            )
+    _validate_loss(config.loss)
+    _validate_regime(config.regime)
+    return config
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.max_steps=3` -> (["train", "max_steps"], 3); values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value (e.g. train.max_steps=3), got {item!r}")
+    key, text = item.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set has an empty key in {item!r}")
+    return keys, yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with every `--set key=value` applied (the input is not mutated)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = out
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            if not isinstance(node[k], dict):
+                raise ConfigError(f"--set {item!r}: {k!r} is not a section")
+            node = node[k]
+        node[keys[-1]] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config file, apply `--set` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def replace(config: RunConfig, **changes: Any) -> RunConfig:
+    """A new config with dotted fields changed, e.g. `replace(c, **{"train.seed": 1})`."""
+    raw = config.to_dict()
+    for key, value in changes.items():
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return from_dict(raw)
+
+
+def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, help) for every field, for `--help-config` and the docs."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        target = tp if dataclasses.is_dataclass(tp) else (inner[0] if inner else None)
+        if target is not None:
+            rows.append((key, "section", "", f.metadata.get("help", "")))
+            rows.extend(describe_fields(target, key + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "required"
+        rows.append((key, _type_name(tp), default, f.metadata.get("help", "")))
+    return rows

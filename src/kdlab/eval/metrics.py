@@ -1,0 +1,274 @@
+"""Evaluation metrics: task accuracy by greedy generation, perplexity, fidelity to the teacher,
+and golden (true-distribution) metrics on the `oracle` task.
+
+All functions are pure: they put models in eval mode under `torch.inference_mode` and restore each
+model's training mode afterwards. `batches` are in kdlab's batch format (`kdlab.data.collate`):
+`labels` are aligned with the logits and `-100` marks positions that do not count. Sums are kept
+per batch, never as full-dataset tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from kdlab.losses.reduce import IGNORE_INDEX
+from kdlab.tasks.base import Task
+from kdlab.tasks.oracle import OracleTask
+
+Batch = dict[str, Tensor]
+
+
+@contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put `models` in eval mode for the block; restore each one's training mode after."""
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(models, was_training, strict=True):
+            m.train(training)
+
+
+def generate_answers(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    add_special_tokens: bool = True,
+) -> list[str]:
+    """Greedy continuations of `prompts`, decoded without special tokens.
+
+    Prompts are batched by length and left-padded (the tokenizer is not modified); each sequence
+    stops at eos (the tokenizer's or any in the model's generation config).
+
+    Args:
+        model: a causal LM with `generate`.
+        tokenizer: encodes the prompts and decodes the answers.
+        prompts: `N` prompt strings.
+        max_new_tokens: the most tokens generated per prompt (eos included).
+        batch_size: prompts per `generate` call.
+        add_special_tokens: encode prompts with the tokenizer's special tokens (bos); pass `False`
+            for text that already has them, such as a rendered chat template.
+
+    Returns:
+        `N` strings: the new text only, in the order of `prompts`.
+    """
+    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    config = _greedy_config(model, tokenizer, max_new_tokens)
+    device = next(model.parameters()).device
+    answers = [""] * len(prompts)
+    with eval_mode(model), torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            input_ids, attention_mask = _left_pad([encoded[i] for i in rows], config.pad_token_id)
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
+            )  # [b, T + new]
+            for i, new in zip(rows, out[:, input_ids.shape[1] :], strict=True):
+                answers[i] = tokenizer.decode(new, skip_special_tokens=True)
+    return answers
+
+
+def score_answers(task: Task, examples: Sequence[dict[str, str]], answers: Sequence[str]) -> float:
+    """Share of `answers` that `task.score` accepts for the matching examples."""
+    _check_lengths(examples, answers)
+    return sum(task.score(ex, ans) for ex, ans in zip(examples, answers, strict=True)) / len(
+        examples
+    )
+
+
+def task_accuracy(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    examples: Sequence[dict[str, str]],
+    *,
+    batch_size: int = 64,
+) -> float:
+    """Share of `examples` whose greedy answer to the prompt the task scores as correct."""
+    prompts = [ex["prompt"] for ex in examples]
+    answers = generate_answers(
+        model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, batch_size=batch_size
+    )
+    return score_answers(task, examples, answers)
+
+
+def answer_agreement(student_answers: Sequence[str], teacher_answers: Sequence[str]) -> float:
+    """Share of prompts where the student's generated answer equals the teacher's (stripped)."""
+    _check_lengths(student_answers, teacher_answers)
+    same = sum(
+        s.strip() == t.strip() for s, t in zip(student_answers, teacher_answers, strict=True)
+    )
+    return same / len(student_answers)
+
+
+def perplexity(
+    model: nn.Module, batches: Iterable[Batch], *, vocab_size: int | None = None
+) -> float:
+    """`exp` of the mean negative log-likelihood of the labels over counted positions.
+
+    Args:
+        model: a causal LM.
+        batches: batches with `input_ids`, `attention_mask`, `labels` `[B, T]`.
+        vocab_size: keep only the first `vocab_size` logits (drops lm_head padding).
+    """
+    total, count = 0.0, 0
+    with eval_mode(model), torch.inference_mode():
+        for batch in batches:
+            logits, labels = _counted_logits(model, batch, vocab_size)  # [N, V], [N]
+            total += F.cross_entropy(logits, labels, reduction="sum").item()
+            count += labels.numel()
+    return float(torch.tensor(total / _nonzero(count)).exp())
+
+
+def fidelity(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    vocab_size: int | None = None,
+) -> dict[str, float]:
+    """How closely the student follows the teacher at counted positions (p teacher, q student).
+
+    Args:
+        student: a causal LM.
+        teacher: a causal LM over the same tokenizer (it may live on another device or dtype).
+        batches: batches with `input_ids`, `attention_mask`, `labels` `[B, T]`.
+        vocab_size: logits kept from each model; default the smaller of the two vocabularies
+            (drops lm_head padding).
+
+    Returns:
+        `top1_agreement`: share of positions where the argmaxes agree; `kl_teacher_student`: mean
+        token KL(p‖q) in nats.
+    """
+    agree, kl, count = 0.0, 0.0, 0
+    with eval_mode(student, teacher), torch.inference_mode():
+        for batch in batches:
+            q_logits, labels = _counted_logits(student, batch, vocab_size)  # [N, Vs]
+            p_logits, _ = _counted_logits(teacher, batch, vocab_size)  # [N, Vt]
+            width = min(q_logits.shape[-1], p_logits.shape[-1])
+            log_q, log_p = _log_probs(q_logits, width), _log_probs(p_logits.to(q_logits), width)
+            agree += (log_q.argmax(-1) == log_p.argmax(-1)).sum().item()
+            kl += _kl(log_p, log_q).sum().item()
+            count += labels.numel()
+    count = _nonzero(count)
+    return {"top1_agreement": agree / count, "kl_teacher_student": kl / count}
+
+
+def golden_metrics(
+    model: nn.Module, task: OracleTask, tokenizer: PreTrainedTokenizerBase, batches: Iterable[Batch]
+) -> dict[str, float]:
+    """Distance of `model` to the oracle language itself at counted positions.
+
+    Args:
+        model: a causal LM over `tokenizer` (student or teacher).
+        task: the `oracle` task whose HMM generated the data.
+        tokenizer: the task's tokenizer; logits are cut to `len(tokenizer)`.
+        batches: batches with `input_ids`, `attention_mask`, `labels` `[B, T]`.
+
+    Returns:
+        `golden_kl`: mean token KL(p_true‖q) in nats; `golden_top1`: share of positions where the
+        model's argmax is the true distribution's argmax.
+    """
+    agree, kl, count = 0.0, 0.0, 0
+    with eval_mode(model), torch.inference_mode():
+        for batch in batches:
+            logits, labels = _counted_logits(model, batch, len(tokenizer))  # [N, V]
+            mask = batch["labels"] != IGNORE_INDEX  # [B, T]
+            p_true = task.true_next_token_probs(batch["input_ids"], tokenizer)[mask]  # [N, V]
+            log_p, log_q = p_true.to(logits).log(), logits.log_softmax(-1)
+            agree += (log_q.argmax(-1) == log_p.argmax(-1)).sum().item()
+            kl += _kl(log_p, log_q).sum().item()
+            count += labels.numel()
+    count = _nonzero(count)
+    return {"golden_kl": kl / count, "golden_top1": agree / count}
+
+
+def golden_kl(
+    model: nn.Module, task: OracleTask, tokenizer: PreTrainedTokenizerBase, batches: Iterable[Batch]
+) -> float:
+    """Mean token KL(p_true‖q) over counted positions, in nats (see `golden_metrics`)."""
+    return golden_metrics(model, task, tokenizer, batches)["golden_kl"]
+
+
+def _counted_logits(
+    model: nn.Module, batch: Batch, vocab_size: int | None
+) -> tuple[Tensor, Tensor]:
+    """float32 logits `[N, V]` and labels `[N]` of the counted positions of `batch`."""
+    device = next(model.parameters()).device
+    mask = batch["labels"] != IGNORE_INDEX  # [B, T]
+    attention_mask = batch.get("attention_mask")
+    logits = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=None if attention_mask is None else attention_mask.to(device),
+    ).logits  # [B, T, V]
+    logits = logits[mask.to(device)][..., :vocab_size].float()  # [N, V]
+    return logits, batch["labels"][mask].to(device)
+
+
+def _log_probs(logits: Tensor, width: int) -> Tensor:
+    return logits[..., :width].log_softmax(-1)
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Per-row KL(p‖q) `[N]` from log-probabilities `[N, V]`; terms with p = 0 count as 0."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+
+def _greedy_config(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int
+) -> GenerationConfig:
+    """Greedy decoding that stops at the tokenizer's eos and at any eos in the model's config."""
+    eos: list[int] = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    model_eos: Any = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos += [model_eos] if isinstance(model_eos, int) else list(model_eos or [])
+    eos = list(dict.fromkeys(eos))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+
+
+def _left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """`input_ids`, `attention_mask` `[b, T]`, each row right-aligned after `pad_id` padding."""
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, row in enumerate(rows):
+        if row:
+            input_ids[b, -len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention_mask[b, -len(row) :] = 1
+    return input_ids, attention_mask
+
+
+def _check_lengths(a: Sequence[Any], b: Sequence[Any]) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"got {len(a)} and {len(b)} items; they must match one to one")
+    if not a:
+        raise ValueError("nothing to evaluate: the lists are empty")
+
+
+def _nonzero(count: int) -> int:
+    if count == 0:
+        raise ValueError("no counted positions (all labels are -100); nothing to evaluate")
+    return count

@@ -1,0 +1,293 @@
+"""Any registered loss from hidden states and lm_head weights, over token chunks.
+
+The plain path materialises `[N, V]` logits of both models (and several float32 copies of them
+inside the loss) for all N positions at once; at V = 128k that is gigabytes per thousand tokens.
+`chunked_loss` projects `chunk_size` positions at a time, runs the loss's own per-position math on
+that chunk, and computes the chunk's gradient with respect to the student's hidden states, weight
+and bias right away (in the forward), so at most one chunk of logits is alive at any time. The
+backward only scales the stored gradients by the incoming gradient. This is the pattern of
+Liger-Kernel's `chunked_loss/fused_linear_distillation.py`, written for kdlab's `KDLoss` API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kdlab.losses.base import KDLoss
+from kdlab.losses.reduce import counted_mask, normaliser
+
+# torch.mm / torch.addmm with `out_dtype` (bf16/fp16 inputs, fp32 output) exist on CUDA only.
+_HAS_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def chunked_loss(
+    loss_fn: KDLoss,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    labels: Tensor | None,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    chunk_size: int = 1024,
+    num_items_in_batch: int | Tensor | None = None,
+    return_terms: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    """`loss_fn(student_hidden @ Ws.T, teacher_hidden @ Wt.T, labels)` without full logits.
+
+    Value and gradients equal the plain call (same masking and normalisation: the sum over counted
+    positions divided by `num_items_in_batch`, or by the count of counted positions clamped to
+    >= 1). Only the student gets gradients: its hidden states, weight and bias, through an
+    `autograd.Function` that takes them as inputs, so a `Parameter` (also a DDP-wrapped model's
+    `lm_head.weight`) accumulates `.grad` the ordinary way. Teacher tensors are never
+    differentiated. The loss math runs in float32 on each chunk; bf16/fp16 inputs are projected
+    with float32 output where the device supports it (CUDA), else upcast after the projection.
+
+    Args:
+        loss_fn: any position-wise `KDLoss` (a registered loss or a `WeightedSum`).
+        student_hidden: `[N, Hs]` (or `[..., Hs]`, flattened) final hidden states of the student.
+        student_weight: `[V, Hs]` the student's lm_head weight.
+        teacher_hidden: `[N, Ht]` (or `[..., Ht]`) of the teacher; `None` for losses that do not
+            use the teacher (e.g. `ce`).
+        teacher_weight: `[V, Ht]` the teacher's lm_head weight; `None` with `teacher_hidden`.
+        labels: `[N]` (or `[...]`) int64 targets, `-100` = not counted; `None`: all positions count.
+        student_bias: optional `[V]` bias of the student's lm_head.
+        teacher_bias: optional `[V]` bias of the teacher's lm_head.
+        chunk_size: positions per chunk; memory is O(chunk_size · V) plus one float32 copy of the
+            student weight's gradient.
+        num_items_in_batch: counted positions in the whole optimiser step (gradient accumulation);
+            see `reduce_positions`.
+        return_terms: also return each named term's reduced value (detached), as
+            `KDLoss.forward_terms` does.
+
+    Returns:
+        The scalar loss, or `(loss, {term: value})` with `return_terms=True`.
+    """
+    s_hidden, t_hidden, flat_labels = _check_and_flatten(
+        loss_fn, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, chunk_size
+    )
+    mask = counted_mask(flat_labels, s_hidden.shape[:1], s_hidden.device)  # [N]
+    denom = normaliser(mask, num_items_in_batch, dtype=torch.float32)
+    names = list(loss_fn.term_weights())
+    total, *values = _ChunkedLossFunction.apply(
+        s_hidden,
+        student_weight,
+        student_bias,
+        t_hidden,
+        teacher_weight,
+        teacher_bias,
+        flat_labels,
+        mask,
+        denom,
+        loss_fn,
+        names,
+        chunk_size,
+    )
+    if not return_terms:
+        return total
+    return total, dict(zip(names, values, strict=True))
+
+
+def _check_and_flatten(
+    loss_fn: KDLoss,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    labels: Tensor | None,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    if not getattr(loss_fn, "position_wise", True):
+        raise ValueError(
+            f"loss {loss_fn.name!r} couples positions across the batch, so it cannot be chunked; "
+            "call it on full logits instead"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    loss_fn.check_inputs(teacher_hidden, labels)
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ValueError("pass teacher_hidden and teacher_weight together (or neither)")
+    vocab, h_s = student_weight.shape
+    if student_hidden.shape[-1] != h_s:
+        raise ValueError(
+            f"student hidden size {student_hidden.shape[-1]} != student lm_head input size {h_s}"
+        )
+    s_hidden = student_hidden.reshape(-1, h_s)  # [N, Hs]
+    t_hidden = None
+    if teacher_hidden is not None and teacher_weight is not None:
+        if teacher_weight.shape[0] != vocab:
+            raise ValueError(
+                f"teacher vocab {teacher_weight.shape[0]} != student vocab {vocab}; the two "
+                "models must share a tokenizer (pad the smaller lm_head of the same tokenizer)"
+            )
+        t_hidden = teacher_hidden.reshape(-1, teacher_weight.shape[1])  # [N, Ht]
+        if t_hidden.shape[0] != s_hidden.shape[0]:
+            raise ValueError(
+                f"teacher has {t_hidden.shape[0]} positions, student {s_hidden.shape[0]}"
+            )
+    flat_labels = None if labels is None else labels.reshape(-1)
+    if flat_labels is not None and flat_labels.shape[0] != s_hidden.shape[0]:
+        raise ValueError(
+            f"labels have {flat_labels.shape[0]} positions, hidden states {s_hidden.shape[0]}"
+        )
+    return s_hidden, t_hidden, flat_labels
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The projection's dtype: autocast's when it is on (as the lm_head would run), else both's."""
+    device_type = hidden.device.type
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4: no per-device autocast query
+        pass
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """`hidden @ weight.T + bias` computed in `dtype`, returned as float32 `[n, V]` logits."""
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if dtype == torch.float32:
+        logits = hidden @ weight.t()
+    elif hidden.is_cuda and _HAS_OUT_DTYPE:
+        logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    else:
+        logits = (hidden @ weight.t()).float()
+    if bias is not None:
+        logits += bias.float()
+    return logits
+
+
+def _addmm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """`acc += a @ b` into a float32 `acc`, without rounding `a @ b` to the inputs' dtype."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _HAS_OUT_DTYPE:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+class _ChunkedLossFunction(torch.autograd.Function):
+    """Forward: loop over chunks, computing loss terms and student gradients. Backward: scale."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        s_hidden: Tensor,  # [N, Hs]
+        s_weight: Tensor,  # [V, Hs]
+        s_bias: Tensor | None,  # [V]
+        t_hidden: Tensor | None,  # [N, Ht]
+        t_weight: Tensor | None,  # [V, Ht]
+        t_bias: Tensor | None,  # [V]
+        labels: Tensor | None,  # [N]
+        mask: Tensor,  # [N] bool
+        denom: Tensor,  # scalar float32
+        loss_fn: KDLoss,
+        names: list[str],
+        chunk_size: int,
+    ) -> tuple[Tensor, ...]:
+        student = (s_hidden, s_weight, s_bias)
+        teacher = None if t_hidden is None else (t_hidden, t_weight, t_bias)
+        with torch.autocast(s_hidden.device.type, enabled=False):
+            sums, grads = _run_chunks(
+                loss_fn, names, student, teacher, labels, mask, denom, chunk_size,
+                needs_grad=ctx.needs_input_grad[:3],
+                dtypes=(_compute_dtype(s_hidden, s_weight), _teacher_dtype(teacher)),
+            )  # fmt: skip
+        ctx.save_for_backward(*grads)
+        weights = loss_fn.term_weights()
+        values = [sums[i] / denom for i in range(len(names))]
+        total = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
+        for name, value in zip(names, values, strict=True):
+            total = total + weights[name] * value
+        ctx.mark_non_differentiable(*values)
+        return (total, *values)
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        scale = grad_total.float()
+        grads = [None if g is None else (g * scale).to(g.dtype) for g in ctx.saved_tensors]
+        return (*grads, *(None,) * 9)
+
+
+def _teacher_dtype(teacher: tuple[Tensor, Tensor, Tensor | None] | None) -> torch.dtype | None:
+    return None if teacher is None else _compute_dtype(teacher[0], teacher[1])
+
+
+def _run_chunks(
+    loss_fn: KDLoss,
+    names: list[str],
+    student: tuple[Tensor, Tensor, Tensor | None],
+    teacher: tuple[Tensor, Tensor, Tensor | None] | None,
+    labels: Tensor | None,
+    mask: Tensor,
+    denom: Tensor,
+    chunk_size: int,
+    *,
+    needs_grad: tuple[bool, bool, bool],
+    dtypes: tuple[torch.dtype, torch.dtype | None],
+) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
+    """The chunk loop: per-term masked sums `[terms]` and the student's gradients (unscaled).
+
+    Gradients are of `Σ_k w_k · sum_k / denom`; the weight's and bias's accumulate in float32.
+    """
+    s_hidden, s_weight, s_bias = student
+    dtype, t_dtype = dtypes
+    device = s_hidden.device
+    need_h, need_w, need_b = needs_grad
+    grad_h = torch.empty(s_hidden.shape, dtype=dtype, device=device) if need_h else None
+    grad_w = torch.zeros(s_weight.shape, dtype=torch.float32, device=device) if need_w else None
+    grad_b = torch.zeros(s_weight.shape[0], dtype=torch.float32, device=device) if need_b else None
+    weights = loss_fn.term_weights()
+    w_compute = s_weight.to(dtype)  # no copy unless hidden and weight dtypes differ
+    sums = torch.zeros(len(names), dtype=torch.float32, device=device)
+    for start in range(0, s_hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        h = s_hidden[sl].to(dtype)  # [n, Hs]
+        with torch.no_grad():
+            t_logits = None
+            if teacher is not None:
+                t_hidden, t_weight, t_bias = teacher
+                t_logits = _project(t_hidden[sl], t_weight, t_bias, t_dtype).to(device)  # [n, V]
+            s_logits = _project(h, w_compute, s_bias, dtype)  # [n, V] float32
+        s_logits.requires_grad_(need_h or need_w or need_b)
+        with torch.enable_grad():
+            terms = loss_fn.per_position_terms(
+                s_logits, t_logits, None if labels is None else labels[sl]
+            )
+            chunk_sums = torch.stack(
+                [torch.where(mask[sl], terms[k].float(), 0.0).sum() for k in names]
+            )  # [terms]
+            chunk_total = sum(weights[k] * chunk_sums[i] for i, k in enumerate(names)) / denom
+        sums += chunk_sums.detach()
+        del terms, t_logits, chunk_sums
+        if not s_logits.requires_grad:
+            continue
+        grad_logits = _grad_or_zeros(chunk_total, s_logits).to(dtype)  # [n, V]
+        del chunk_total, s_logits
+        if grad_h is not None:
+            torch.mm(grad_logits, w_compute, out=grad_h[sl])
+        if grad_w is not None:
+            _addmm_fp32(grad_w, grad_logits.t(), h)
+        if grad_b is not None:
+            grad_b += grad_logits.sum(0, dtype=torch.float32)
+        del grad_logits
+    grads = (
+        None if grad_h is None else grad_h.to(s_hidden.dtype),
+        None if grad_w is None else grad_w.to(s_weight.dtype),
+        None if grad_b is None or s_bias is None else grad_b.to(s_bias.dtype),
+    )
+    return sums, grads
+
+
+def _grad_or_zeros(total: Tensor, logits: Tensor) -> Tensor:
+    """`d total / d logits`, zeros when the loss does not depend on the logits."""
+    if not total.requires_grad:
+        return torch.zeros_like(logits)
+    (grad,) = torch.autograd.grad(total, logits, allow_unused=True)
+    return torch.zeros_like(logits) if grad is None else grad

@@ -1,0 +1,244 @@
+"""One run: load models, data and teacher -> regime -> train -> save -> evaluate -> report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kdlab.config import ConfigError, ModelSpec, RunConfig
+from kdlab.data.collate import Encoded
+from kdlab.data.datasets import Splits, encode_dataset, load_splits, task_name
+from kdlab.losses import KDLoss, WeightedSum, build_loss
+from kdlab.models.loading import (
+    PRESET_PREFIX,
+    check_vocabularies,
+    ensure_pad_token,
+    is_preset,
+    load_model,
+    load_tokenizer,
+)
+from kdlab.regimes import REGIMES, RegimeContext
+from kdlab.teachers import OnlineTeacher
+from kdlab.train.checkpoint import latest_checkpoint
+from kdlab.train.trainer import STATE_FILE, Trainer
+
+logger = logging.getLogger("kdlab")
+
+TRAINED_TEACHER_PRESETS = {"teacher": "standard", "teacher-quick": "quick"}
+
+
+@dataclass
+class RunSummary:
+    output_dir: Path
+    steps: int
+    final_loss: float | None
+    eval: dict[str, Any]
+
+
+@dataclass
+class Loaded:
+    tokenizer: PreTrainedTokenizerBase
+    student: PreTrainedModel
+    teacher: PreTrainedModel | None
+    vocab: int | None
+    train: list[Encoded]
+    eval_records: list[dict[str, Any]]
+    eval_encoded: list[Encoded]
+
+
+def build_run_loss(config: RunConfig) -> KDLoss:
+    """`kd_weight · <loss> + ce_weight · ce`, each term logged as `loss/kd` and `loss/ce`."""
+    terms: dict[str, tuple[KDLoss, float]] = {}
+    if config.train.kd_weight > 0:
+        terms["kd"] = (build_loss(config.loss.name, **config.loss.hparams), config.train.kd_weight)
+    if config.train.ce_weight > 0:
+        terms["ce"] = (build_loss("ce"), config.train.ce_weight)
+    if not terms:
+        raise ConfigError("config error at train: kd_weight and ce_weight are both 0; nothing to train")
+    return WeightedSum(terms)
+
+
+def check_run_folder(config: RunConfig, resume: bool) -> Path:
+    """Refuse to silently mix two runs in one folder."""
+    out = Path(config.output_dir)
+    if not resume and latest_checkpoint(out) is not None:
+        raise ConfigError(
+            f"{out} already holds a run (checkpoints/); pass --resume to continue it, or choose "
+            "another output_dir"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def finished(out: Path) -> bool:
+    state = out / STATE_FILE
+    return state.is_file() and json.loads(state.read_text()).get("finished", False)
+
+
+def _resolve_preset(spec: ModelSpec, config: RunConfig) -> ModelSpec:
+    """`preset:teacher` -> the cached trained teacher's folder (trained on first use)."""
+    name = spec.model[len(PRESET_PREFIX) :]
+    if name not in TRAINED_TEACHER_PRESETS:
+        return spec
+    task = task_name(config.data)
+    if task is None:
+        raise ConfigError(f"{spec.model!r} needs a built-in task dataset (data.dataset: task:NAME)")
+    from kdlab.zoo import ensure_teacher
+
+    path = ensure_teacher(task, config.data.task_args, TRAINED_TEACHER_PRESETS[name])
+    return ModelSpec(model=str(path), dtype=spec.dtype)
+
+
+def _tokenizer_for(spec: ModelSpec, config: RunConfig) -> PreTrainedTokenizerBase:
+    if is_preset(spec):
+        task = task_name(config.data)
+        if task is None:
+            raise ConfigError(
+                f"model {spec.model!r} is a built-in preset; presets need a built-in task dataset "
+                "(data.dataset: task:arith or task:oracle)"
+            )
+        from kdlab.tasks import get_task
+
+        return ensure_pad_token(get_task(task, **config.data.task_args).build_tokenizer(), task)
+    return load_tokenizer(spec)
+
+
+def _model_for(
+    spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, role: str
+) -> PreTrainedModel:
+    if is_preset(spec):
+        from kdlab.models.tiny import build_preset
+
+        try:
+            return build_preset(spec.model[len(PRESET_PREFIX) :], tokenizer, seed=spec.seed)
+        except ValueError as err:
+            raise ConfigError(f"config error at {role}.model: {err}") from err
+    return load_model(spec, role=role)
+
+
+def load_everything(config: RunConfig) -> Loaded:
+    """Tokenizers, then data (all data errors surface here), then the models."""
+    tokenizer = _tokenizer_for(config.student, config)
+    splits: Splits = load_splits(config.data, config.eval.num_examples)
+    train = encode_dataset(tokenizer, splits.train, config.data)
+    eval_encoded = encode_dataset(tokenizer, splits.eval, config.data)
+    teacher_spec = None
+    if config.teacher is not None:  # may train the built-in teacher: after the data checks
+        teacher_spec = _resolve_preset(config.teacher, config)
+    student = _model_for(config.student, tokenizer, "student")
+    teacher, vocab = None, None
+    if teacher_spec is not None:
+        teacher_tokenizer = _tokenizer_for(teacher_spec, config)
+        teacher = _model_for(teacher_spec, teacher_tokenizer, "teacher")
+        vocab = check_vocabularies(teacher, teacher_tokenizer, student, tokenizer)
+    return Loaded(tokenizer, student, teacher, vocab, train, splits.eval, eval_encoded)
+
+
+def run_distill(
+    config: RunConfig, *, resume: bool = False, stop_after: int | None = None
+) -> RunSummary:
+    """Run one distillation end to end; see `kdlab distill --help`."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = check_run_folder(config, resume)
+    if resume and finished(out) and (out / "student").is_dir():
+        logger.info("%s is already finished; nothing to resume", out)
+        return RunSummary(out, config.train.max_steps, None, _read_json(out / "eval.json"))
+    loss_fn = build_run_loss(config)
+    if loss_fn.needs_teacher and config.teacher is None:
+        raise ConfigError(
+            f"config error: loss {config.loss.name!r} needs a teacher; set teacher.model "
+            "(or use loss.name=ce for plain fine-tuning)"
+        )
+    accelerator = Accelerator(
+        mixed_precision="bf16" if config.train.precision == "bf16" else "no",
+        log_with=config.train.report_to or None,
+        project_dir=str(out),
+    )
+    set_seed(config.train.seed)
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    loaded = load_everything(config)
+    if loaded.teacher is not None:
+        loaded.teacher.to(accelerator.device)
+    if config.train.report_to:
+        accelerator.init_trackers(out.name, config=_flat(config.to_dict()))
+    regime = REGIMES.get(config.regime.name)(
+        RegimeContext(
+            dataset=loaded.train,
+            pad_id=loaded.tokenizer.pad_token_id,
+            batch_size=config.train.batch_size,
+            grad_accum=config.train.grad_accum,
+            seed=config.train.seed,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
+    )
+    teacher = OnlineTeacher(loaded.teacher, vocab=loaded.vocab) if loaded.teacher else None
+    trainer = Trainer(
+        student=loaded.student,
+        teacher=teacher,
+        loss_fn=loss_fn,
+        regime=regime,
+        spec=config.train,
+        output_dir=out,
+        accelerator=accelerator,
+        vocab=loaded.vocab,
+    )
+    result = trainer.train(resume=resume, stop_after=stop_after)
+    student = accelerator.unwrap_model(trainer.model)
+    metrics: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        student.save_pretrained(out / "student")
+        loaded.tokenizer.save_pretrained(out / "student")
+        if config.eval.enabled:
+            metrics = _evaluate(config, loaded, student)
+            (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+        from kdlab.eval.report import write_run_report
+
+        write_run_report(out, config, metrics)
+    if config.train.report_to:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return RunSummary(out, result.steps, result.final_loss, metrics)
+
+
+def _evaluate(config: RunConfig, loaded: Loaded, student: PreTrainedModel) -> dict[str, Any]:
+    from kdlab.eval.evaluate import evaluate_models
+
+    with torch.no_grad():
+        return evaluate_models(
+            student=student,
+            teacher=loaded.teacher,
+            tokenizer=loaded.tokenizer,
+            task=task_name(config.data),
+            task_args=config.data.task_args,
+            records=loaded.eval_records,
+            encoded=loaded.eval_encoded,
+            batch_size=config.eval.batch_size,
+            with_teacher=config.eval.teacher,
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[f"{prefix}{k}"] = v
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out

@@ -1,0 +1,51 @@
+"""Off-policy KD: train on the dataset's own completions (the default regime)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kdlab.data.collate import collate
+from kdlab.regimes.base import REGIMES, Regime
+
+
+def global_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a permutation that depends only on (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_examples, generator=generator).tolist()
+
+
+@REGIMES.register("off_policy")
+class OffPolicy(Regime):
+    """Batches of dataset examples in a seeded order that reshuffles every epoch.
+
+    Micro-batch `k = step * grad_accum + m` takes the next `batch_size * world_size` examples of
+    the global order; process `rank` takes its slice. Any step's batch can be rebuilt from the
+    step number alone, which is what makes resuming exact.
+    """
+
+    def _indices(self, slot: int) -> list[int]:
+        c = self.context
+        n = len(c.dataset)
+        per_slot = c.batch_size * c.world_size
+        start = slot * per_slot + c.rank * c.batch_size
+        out = []
+        for pos in range(start, start + c.batch_size):
+            epoch, offset = divmod(pos, n)
+            out.append(self._order(epoch)[offset])
+        return out
+
+    def _order(self, epoch: int) -> list[int]:
+        cache = self.__dict__.setdefault("_orders", {})
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = global_order(len(self.context.dataset), self.context.seed, epoch)
+        return cache[epoch]
+
+    def micro_batches(self, step: int) -> list[dict[str, Tensor]]:
+        c = self.context
+        batches = []
+        for m in range(c.grad_accum):
+            idx = self._indices(step * c.grad_accum + m)
+            batches.append(collate([c.dataset[i] for i in idx], c.pad_id))
+        return batches

@@ -1,0 +1,27 @@
+"""`kdlab demo --quick` end to end (trains the quick teacher into the test cache)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kdlab.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "teacher" in printed and "ce (SFT only)" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["students"]) == {"ce", "fkl", "rkl"}
+    report = (out / "report.md").read_text()
+    assert "accuracy_vs_fidelity.png" in report and "learning_curves.png" in report
+    assert (out / "accuracy_vs_fidelity.png").stat().st_size > 1000
+    assert (out / "learning_curves.png").stat().st_size > 1000
+    # the teacher is clearly ahead of the SFT-only student: the point of the demo
+    sft = results["students"]["ce"][0]["accuracy"]
+    assert results["teacher"]["accuracy"] > sft + 0.1
