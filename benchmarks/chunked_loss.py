@@ -17,6 +17,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -40,15 +41,25 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096], help="values of N")
     p.add_argument("--vocab", type=int, default=128256, help="V (default: %(default)s)")
-    p.add_argument("--hidden", type=int, default=2048, help="H of both models (default: %(default)s)")
+    p.add_argument(
+        "--hidden", type=int, default=2048, help="H of both models (default: %(default)s)"
+    )
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed repetitions (default: %(default)s)")
+    p.add_argument(
+        "--warmup", type=int, default=3, help="untimed repetitions (default: %(default)s)"
+    )
     p.add_argument(
         "--chunk-size",
         type=int,
         nargs="+",
         default=[None],
         help="kdlab chunk size(s); several values give one row each (default: chunked_loss's)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=["auto", "on", "off", "both"],
+        default="auto",
+        help="kdlab's per-chunk torch.compile (auto: on for CUDA with Triton; both: one row each)",
     )
     p.add_argument("--no-trl", action="store_true", help="skip TRL's chunked divergence")
     p.add_argument("--seed", type=int, default=0)
@@ -77,10 +88,17 @@ def naive(x: dict[str, Tensor], chunk_size: int | None) -> Tensor:
     return loss.detach()
 
 
-def kdlab_chunked(x: dict[str, Tensor], chunk_size: int | None) -> Tensor:
-    kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
+FKL = build_loss("fkl")  # built once, as a trainer does (torch.compile caches per loss)
+
+
+def kdlab_chunked(
+    x: dict[str, Tensor], chunk_size: int | None, compiled: bool | None = None
+) -> Tensor:
+    kwargs: dict[str, Any] = {"compiled": compiled}
+    if chunk_size is not None:
+        kwargs["chunk_size"] = chunk_size
     loss = chunked_loss(
-        build_loss("fkl"), x["s_hidden"], x["s_weight"], x["t_hidden"], x["t_weight"], None, **kwargs
+        FKL, x["s_hidden"], x["s_weight"], x["t_hidden"], x["t_weight"], None, **kwargs
     )
     loss.backward()
     return loss.detach()
@@ -156,9 +174,17 @@ def measure(
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     impls: list[tuple[str, Callable[..., Tensor], int | None]] = [("naive", naive, None)]
-    impls += [
-        (f"kdlab chunked (chunk={c or 'default'})", kdlab_chunked, c) for c in args.chunk_size
-    ]
+    modes = {"auto": [None], "on": [True], "off": [False], "both": [True, False]}[args.compile]
+    for mode in modes:
+        tag = {None: "", True: ", compiled", False: ", eager"}[mode]
+        impls += [
+            (
+                f"kdlab chunked (chunk={c or 'default'}{tag})",
+                partial(kdlab_chunked, compiled=mode),
+                c,
+            )
+            for c in args.chunk_size
+        ]
     trl_reason = None if args.no_trl else trl_available()
     if args.no_trl or trl_reason:
         print(f"TRL chunked divergence skipped: {trl_reason or '--no-trl'}")

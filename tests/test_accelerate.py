@@ -1,4 +1,8 @@
-"""The same `kdlab distill` under `accelerate launch --num_processes 2` on CPU (DDP over gloo)."""
+"""The same `kdlab distill` under `accelerate launch --multi_gpu --num_processes 2` on CPU.
+
+Without GPUs accelerate's launcher needs `--multi_gpu` to start torchrun (its `--cpu` path wants
+MPI); kdlab then runs DDP over gloo on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -22,19 +26,40 @@ def test_two_processes_match_one(tmp_path: Path, tiny_teacher: Path) -> None:
     """2 processes x batch 4 see the same global batch as 1 process x batch 8: same losses."""
     common = {"eval": {"enabled": False}}
     two = write_config(
-        tmp_path / "two.yaml", tiny_teacher, train={"batch_size": 4, "max_steps": 3,
-        "progress": False}, output_dir=str(tmp_path / "two"), **common,
+        tmp_path / "two.yaml",
+        tiny_teacher,
+        train={"batch_size": 4, "max_steps": 3, "progress": False},
+        output_dir=str(tmp_path / "two"),
+        **common,
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "kdlab", "distill", str(two)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "kdlab",
+        "distill",
+        str(two),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "two" / "student" / "config.json").is_file()
     one = write_config(
-        tmp_path / "one.yaml", tiny_teacher, train={"batch_size": 8, "max_steps": 3,
-        "progress": False}, output_dir=str(tmp_path / "one"), **common,
+        tmp_path / "one.yaml",
+        tiny_teacher,
+        train={"batch_size": 8, "max_steps": 3, "progress": False},
+        output_dir=str(tmp_path / "one"),
+        **common,
     )
     from kdlab.config import load_config
     from kdlab.pipeline import run_distill

@@ -57,13 +57,19 @@ def test_chunked_and_plain_paths_train_identically(tmp_path: Path, tiny_teacher:
 def test_resume_gives_the_same_result(tmp_path: Path, tiny_teacher: Path) -> None:
     common = {"train": {"max_steps": 6, "grad_accum": 2, "lr_scheduler": "cosine"}}
     straight = write_config(
-        tmp_path / "a.yaml", tiny_teacher, eval={"enabled": False},
-        output_dir=str(tmp_path / "a"), **common,
+        tmp_path / "a.yaml",
+        tiny_teacher,
+        eval={"enabled": False},
+        output_dir=str(tmp_path / "a"),
+        **common,
     )
     run_distill(load_config(straight))
     resumed = write_config(
-        tmp_path / "b.yaml", tiny_teacher, eval={"enabled": False},
-        output_dir=str(tmp_path / "b"), **common,
+        tmp_path / "b.yaml",
+        tiny_teacher,
+        eval={"enabled": False},
+        output_dir=str(tmp_path / "b"),
+        **common,
     )
     with pytest.raises(RunInterrupted):
         run_distill(load_config(resumed), stop_after=3)
@@ -118,14 +124,26 @@ def test_data_errors(tmp_path: Path, tiny_teacher: Path, capsys) -> None:  # noq
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     cfg = write_config(tmp_path / "run.yaml", tiny_teacher, student={"model": str(tiny_teacher)})
-    err = _error(capsys, ["distill", str(cfg), "--set", f"data.dataset={empty}",
-                          "--set", "eval.num_examples=1"])
+    err = _error(
+        capsys,
+        ["distill", str(cfg), "--set", f"data.dataset={empty}", "--set", "eval.num_examples=1"],
+    )
     assert "empty" in err or "no examples" in err or "records" in err
     long = tmp_path / "long.jsonl"
-    rows = [{"prompt": "1+1=", "completion": "2" * 80}] + [{"prompt": "1+1=", "completion": "2"}] * 4
+    rows = [{"prompt": "1+1=", "completion": "2" * 80}] + [
+        {"prompt": "1+1=", "completion": "2"}
+    ] * 4
     long.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["distill", str(cfg), "--set", f"data.dataset={long}", "--set", "eval.num_examples=1",
-            "--set", "data.max_length=32"]
+    args = [
+        "distill",
+        str(cfg),
+        "--set",
+        f"data.dataset={long}",
+        "--set",
+        "eval.num_examples=1",
+        "--set",
+        "data.max_length=32",
+    ]
     err = _error(capsys, args)
     assert "data.max_length=32" in err and "data.overlong" in err
     ok = ["--set", "data.overlong=drop", "--set", f"output_dir={tmp_path / 'dropped'}"]
@@ -148,14 +166,21 @@ def test_vocabulary_mismatch_is_a_clear_error(tmp_path: Path, capsys) -> None:  
 def test_chat_messages_dataset(tmp_path: Path, tiny_teacher: Path) -> None:
     data = tmp_path / "chat.jsonl"
     rows = [
-        {"messages": [{"role": "user", "content": f"{i}+1="},
-                      {"role": "assistant", "content": str(i + 1)}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"{i}+1="},
+                {"role": "assistant", "content": str(i + 1)},
+            ]
+        }
         for i in range(12)
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = write_config(
-        tmp_path / "run.yaml", tiny_teacher, student={"model": str(tiny_teacher)},
-        data={"dataset": str(data), "num_examples": None}, eval={"num_examples": 4},
+        tmp_path / "run.yaml",
+        tiny_teacher,
+        student={"model": str(tiny_teacher)},
+        data={"dataset": str(data), "num_examples": None},
+        eval={"num_examples": 4},
     )
     assert main(["distill", str(cfg), "--set", "train.max_steps=2"]) == 0
     assert (tmp_path / "run" / "student" / "config.json").is_file()

@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 import yaml
 
-
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -128,7 +127,9 @@ class EvalSpec:
 @dataclass(frozen=True)
 class RunConfig:
     teacher: ModelSpec | None = _help("the teacher (omit for losses that need none, e.g. ce)", None)
-    student: ModelSpec = _help("the student", default_factory=lambda: ModelSpec(model="preset:small"))
+    student: ModelSpec = _help(
+        "the student", default_factory=lambda: ModelSpec(model="preset:small")
+    )
     data: DataSpec = _help("training and evaluation data", default_factory=DataSpec)
     loss: LossSpec = _help("the distillation loss", default_factory=LossSpec)
     regime: RegimeSpec = _help("where training sequences come from", default_factory=RegimeSpec)
@@ -287,7 +288,8 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
         bad = sorted(set(config.train.report_to) - {"wandb", "tensorboard"})
         if bad:
             raise ConfigError(
-                f"config error at train.report_to: unknown logger(s) {bad}; valid: wandb, tensorboard"
+                f"config error at train.report_to: unknown logger(s) {bad}; "
+                "valid: wandb, tensorboard"
             )
     _validate_loss(config.loss)
     _validate_regime(config.regime)

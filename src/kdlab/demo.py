@@ -85,7 +85,9 @@ def student_config(plan: DemoPlan, method: str, seed: int, out: Path, teacher: s
     )
 
 
-def run_demo(out: str | Path = "kdlab-demo", *, quick: bool = False, seeds: int | None = None) -> Path:
+def run_demo(
+    out: str | Path = "kdlab-demo", *, quick: bool = False, seeds: int | None = None
+) -> Path:
     """Run the demo; returns the path of `report.md`."""
     from kdlab.eval.evaluate import evaluate_saved
     from kdlab.pipeline import run_distill
@@ -123,13 +125,24 @@ def leaderboard_rows(
     teacher: dict[str, float], results: dict[str, list[dict[str, Any]]]
 ) -> tuple[list[str], list[list[str]]]:
     header = ["model", *[title for _, title in LEADERBOARD_METRICS], "seeds"]
-    rows = [["teacher", format_metric([teacher["accuracy"]]), "–", "–", "–",
-             format_metric([teacher["perplexity"]]), "1"]]
+    rows = [
+        [
+            "teacher",
+            format_metric([teacher["accuracy"]]),
+            "–",
+            "–",
+            "–",
+            format_metric([teacher["perplexity"]]),
+            "1",
+        ]
+    ]
     ranked = sorted(results, key=lambda m: -mean_std([r["accuracy"] for r in results[m]])[0])
     for method in ranked:
         runs = results[method]
         name = "ce (SFT only)" if method == "ce" else method
-        cells = [format_metric([r.get(k, float("nan")) for r in runs]) for k, _ in LEADERBOARD_METRICS]
+        cells = [
+            format_metric([r.get(k, float("nan")) for r in runs]) for k, _ in LEADERBOARD_METRICS
+        ]
         rows.append([name, *cells, str(len(runs))])
     return header, rows
 
@@ -137,7 +150,9 @@ def leaderboard_rows(
 def leaderboard_text(teacher: dict[str, float], results: dict[str, list[dict[str, Any]]]) -> str:
     header, rows = leaderboard_rows(teacher, results)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]
+    ]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,9 @@ def build_run_loss(config: RunConfig) -> KDLoss:
     if config.train.ce_weight > 0:
         terms["ce"] = (build_loss("ce"), config.train.ce_weight)
     if not terms:
-        raise ConfigError("config error at train: kd_weight and ce_weight are both 0; nothing to train")
+        raise ConfigError(
+            "config error at train: kd_weight and ce_weight are both 0; nothing to train"
+        )
     return WeightedSum(terms)
 
 
@@ -110,9 +113,7 @@ def _tokenizer_for(spec: ModelSpec, config: RunConfig) -> PreTrainedTokenizerBas
     return load_tokenizer(spec)
 
 
-def _model_for(
-    spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, role: str
-) -> PreTrainedModel:
+def _model_for(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, role: str) -> PreTrainedModel:
     if is_preset(spec):
         from kdlab.models.tiny import build_preset
 
@@ -159,6 +160,7 @@ def run_distill(
             "(or use loss.name=ce for plain fine-tuning)"
         )
     accelerator = Accelerator(
+        cpu=_multi_process_cpu(),
         mixed_precision="bf16" if config.train.precision == "bf16" else "no",
         log_with=config.train.report_to or None,
         project_dir=str(out),
@@ -226,6 +228,11 @@ def _evaluate(config: RunConfig, loaded: Loaded, student: PreTrainedModel) -> di
             batch_size=config.eval.batch_size,
             with_teacher=config.eval.teacher,
         )
+
+
+def _multi_process_cpu() -> bool:
+    """Several processes and no GPU: DDP over gloo (`accelerate launch --multi_gpu`, CPU)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -19,7 +19,13 @@ logger = logging.getLogger("kdlab")
 
 # Recipes: (student preset of the teacher, training steps, batch size, learning rate, examples)
 TEACHER_RECIPES: dict[str, dict[str, Any]] = {
-    "standard": {"preset": "base", "max_steps": 1500, "batch_size": 64, "lr": 3e-3, "examples": 8000},
+    "standard": {
+        "preset": "base",
+        "max_steps": 1500,
+        "batch_size": 64,
+        "lr": 3e-3,
+        "examples": 8000,
+    },
     "quick": {"preset": "base", "max_steps": 400, "batch_size": 64, "lr": 3e-3, "examples": 4000},
 }
 
@@ -40,7 +46,9 @@ def teacher_dir(task: str, task_args: dict[str, Any], recipe: str) -> Path:
     return cache_root() / "teachers" / f"{task}-{recipe}-{digest}"
 
 
-def ensure_teacher(task: str, task_args: dict[str, Any] | None = None, recipe: str = "standard") -> Path:
+def ensure_teacher(
+    task: str, task_args: dict[str, Any] | None = None, recipe: str = "standard"
+) -> Path:
     """Path of the trained teacher for a built-in task (trains and caches it on first use)."""
     from kdlab.config import from_dict
     from kdlab.pipeline import run_distill
@@ -56,7 +64,11 @@ def ensure_teacher(task: str, task_args: dict[str, Any] | None = None, recipe: s
     config = from_dict(
         {
             "student": {"model": f"preset:{r['preset']}"},
-            "data": {"dataset": f"task:{task}", "task_args": task_args, "num_examples": r["examples"]},
+            "data": {
+                "dataset": f"task:{task}",
+                "task_args": task_args,
+                "num_examples": r["examples"],
+            },
             "loss": {"name": "ce"},
             "train": {
                 "max_steps": r["max_steps"],

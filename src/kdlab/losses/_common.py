@@ -83,4 +83,6 @@ def check_unit_interval(name: str, value: float) -> None:
 
 def check_skew(alpha: float) -> None:
     if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"alpha must be in [0, 1) (alpha=1 makes the loss identically 0), got {alpha!r}")
+        raise ValueError(
+            f"alpha must be in [0, 1) (alpha=1 makes the loss identically 0), got {alpha!r}"
+        )

@@ -30,6 +30,9 @@ class KDLoss(nn.Module):
     paper: ClassVar[str] = ""
     needs_labels: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = True
+    # False for losses that couple positions (batch statistics, transport plans): the chunked
+    # helper refuses them unless they implement their own chunking
+    position_wise: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **hparams: Any) -> None:
@@ -85,7 +88,7 @@ class KDLoss(nn.Module):
         *,
         num_items_in_batch: int | Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The weighted total (with gradient) and each named term reduced (detached), for logging."""
+        """The weighted total (with gradient) and each named term, reduced and detached."""
         self.check_inputs(teacher_logits, labels)
         terms = self.per_position_terms(student_logits, teacher_logits, labels)
         reduced = {
@@ -124,6 +127,10 @@ class WeightedSum(KDLoss):
     @property
     def needs_teacher(self) -> bool:  # type: ignore[override]
         return any(loss.needs_teacher for loss in self.losses.values())
+
+    @property
+    def position_wise(self) -> bool:  # type: ignore[override]
+        return all(loss.position_wise for loss in self.losses.values())
 
     def check_inputs(self, teacher_logits: Tensor | None, labels: Tensor | None) -> None:
         for loss in self.losses.values():

@@ -9,12 +9,13 @@ IGNORE_INDEX = -100
 
 
 def counted_mask(labels: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
-    """Boolean mask of the positions that count: `labels != -100`, or all positions without labels."""
+    """Boolean mask of the counted positions: `labels != -100`, or all of them without labels."""
     if labels is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
     if labels.shape != shape:
         raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match the logits' positions {tuple(shape)}; "
+            f"labels shape {tuple(labels.shape)} does not match the logits' positions "
+            f"{tuple(shape)}; "
             "labels must be aligned with the logits (position i predicts labels[..., i])"
         )
     return labels != IGNORE_INDEX

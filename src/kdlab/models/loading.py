@@ -1,4 +1,4 @@
-"""Loading teacher and student: hub id, local path or a built-in preset, plus the vocabulary check."""
+"""Loading teacher and student from a hub id or local path, and the vocabulary check."""
 
 from __future__ import annotations
 

@@ -101,11 +101,14 @@ class Trainer:
         if not setting:
             return False
         head = student.get_output_embeddings()
-        plain = isinstance(head, torch.nn.Linear) and getattr(
-            student.config, "final_logit_softcapping", None
-        ) is None
+        plain = (
+            isinstance(head, torch.nn.Linear)
+            and getattr(student.config, "final_logit_softcapping", None) is None
+        )
         if not plain or (self.teacher is not None and not self.teacher.supports_hidden):
-            logger.warning("chunked loss unavailable for these models (logit scaling); using logits")
+            logger.warning(
+                "chunked loss unavailable for these models (logit scaling); using logits"
+            )
             return False
         return True
 
@@ -242,7 +245,9 @@ class Trainer:
     def _emit(self, record: dict, bar: tqdm) -> None:
         self.log.write(record)
         if self.accelerator.trackers:
-            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.accelerator.log(
+                {k: v for k, v in record.items() if k != "step"}, step=record["step"]
+            )
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         step = record["step"]
