@@ -199,6 +199,8 @@ def test_oracle_true_probs_without_bos_and_with_padding():
     assert probs[5, tok.pad_token_id] == 1 and probs[6, tok.pad_token_id] == 1
     special = [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id]
     assert torch.all(probs[:5, special] == 0)
+    beyond_vocab = torch.tensor([[tok.bos_token_id, len(tok) + 3]])  # e.g. a padded lm_head's id
+    assert task.true_next_token_probs(beyond_vocab, tok)[0, 1, tok.pad_token_id] == 1
 
 
 def test_oracle_greedy_continuation_follows_true_argmax():

@@ -47,8 +47,8 @@ FULL = DemoPlan(
     methods=("ce", "fkl", "rkl", "jsd", "skl", "akl"),
     seeds=3,
     student={"model": "preset:small"},
-    train={"max_steps": 150, "batch_size": 32, "lr": 3e-3, "warmup_steps": 10},
-    data={"dataset": "task:arith", "num_examples": 600},
+    train={"max_steps": 450, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20},
+    data={"dataset": "task:arith", "num_examples": 500},
     eval_examples=200,
 )
 QUICK = DemoPlan(

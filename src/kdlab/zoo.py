@@ -21,12 +21,12 @@ logger = logging.getLogger("kdlab")
 TEACHER_RECIPES: dict[str, dict[str, Any]] = {
     "standard": {
         "preset": "base",
-        "max_steps": 1500,
+        "max_steps": 1200,
         "batch_size": 64,
         "lr": 3e-3,
-        "examples": 8000,
+        "examples": 20000,
     },
-    "quick": {"preset": "base", "max_steps": 400, "batch_size": 64, "lr": 3e-3, "examples": 4000},
+    "quick": {"preset": "base", "max_steps": 500, "batch_size": 64, "lr": 3e-3, "examples": 20000},
 }
 
 

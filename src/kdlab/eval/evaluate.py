@@ -70,7 +70,7 @@ def _model_metrics(model, tokenizer, task, records, batches, batch_size) -> dict
         )
     out["perplexity"] = metrics.perplexity(model, batches)
     if hasattr(task, "true_next_token_probs"):
-        out["golden_kl"] = metrics.golden_kl(model, task, tokenizer, batches)
+        out.update(metrics.golden_metrics(model, task, tokenizer, batches))
     return out
 
 
@@ -85,12 +85,15 @@ def evaluate_saved(
     task_args: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """`kdlab eval`: load saved models (path or hub id) and evaluate them on a built-in task."""
-    from kdlab.config import DataSpec, ModelSpec
+    from kdlab.config import ConfigError, DataSpec, ModelSpec
     from kdlab.data.datasets import encode_dataset
     from kdlab.models.loading import check_vocabularies, load_model, load_tokenizer
     from kdlab.tasks import get_task
 
-    task_obj = get_task(task, **(task_args or {}))  # unknown task: ValueError before loading
+    try:  # an unknown task is reported before any model is loaded
+        task_obj = get_task(task, **(task_args or {}))
+    except ValueError as err:
+        raise ConfigError(f"--task: {err}") from err
     spec = ModelSpec(model=model)
     tokenizer = load_tokenizer(spec)
     student = load_model(spec, role="model")

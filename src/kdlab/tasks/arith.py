@@ -78,7 +78,7 @@ class ArithTask(Task):
     def __init__(
         self,
         digits: int = 2,
-        ops: str = "+-",
+        ops: str = "+",
         scratchpad: bool = False,
         validation_fraction: float = 0.1,
         test_fraction: float = 0.1,
@@ -87,11 +87,7 @@ class ArithTask(Task):
             raise ValueError(f"digits must be >= 1, got {digits}")
         if not ops or any(op not in OPS for op in ops):
             raise ValueError(f"ops must be a non-empty subset of {OPS!r}, got {ops!r}")
-        if not (
-            0 < validation_fraction
-            and 0 < test_fraction
-            and validation_fraction + test_fraction < 1
-        ):
+        if min(validation_fraction, test_fraction) <= 0 or validation_fraction + test_fraction >= 1:
             raise ValueError("validation_fraction and test_fraction must be > 0 and sum to < 1")
         self.digits, self.ops, self.scratchpad = digits, "".join(dict.fromkeys(ops)), scratchpad
         self._bounds = (1 - validation_fraction - test_fraction, 1 - test_fraction)

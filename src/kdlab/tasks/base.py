@@ -20,7 +20,7 @@ class Task(ABC):
     """
 
     name: ClassVar[str]
-    max_new_tokens: ClassVar[int] = 16
+    max_new_tokens: int = 16  # tasks set it per instance (it depends on their knobs)
 
     @abstractmethod
     def build_tokenizer(self) -> PreTrainedTokenizerFast:

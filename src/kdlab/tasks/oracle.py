@@ -33,7 +33,8 @@ class OracleTask(Task):
     (rare at the default length), which is fine: the oracle's metrics compare distributions.
 
     Exact match of a sampled completion means little here. `score` instead asks whether the
-    generated continuation equals the oracle's own greedy continuation of the prompt; the metrics
+    generated continuation equals the oracle's own greedy continuation of the prompt. That is
+    coarse (greedy paths fall into a few loops, so prompts pass or fail together); the metrics
     that matter for this task are the golden ones (`kdlab.eval.golden_metrics`).
 
     Args:
@@ -130,7 +131,8 @@ class OracleTask(Task):
         symbol_ids = torch.tensor(
             tokenizer.convert_tokens_to_ids(list(self.symbols)), device=device
         )
-        code_of = torch.full((len(tokenizer),), -1, dtype=torch.long, device=device)
+        table = max(len(tokenizer), int(input_ids.max()) + 1 if input_ids.numel() else 0)
+        code_of = torch.full((table,), -1, dtype=torch.long, device=device)  # id -> symbol index
         code_of[symbol_ids] = torch.arange(len(self.symbols), device=device)
         emission = torch.from_numpy(self.emission).to(device)
         belief = torch.from_numpy(self.initial).to(device).expand(batch, -1)  # [B, S]
