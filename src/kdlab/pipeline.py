@@ -159,6 +159,7 @@ def run_distill(
             f"config error: loss {config.loss.name!r} needs a teacher; set teacher.model "
             "(or use loss.name=ce for plain fine-tuning)"
         )
+    _fresh_accelerator_state()
     accelerator = Accelerator(
         cpu=_multi_process_cpu(),
         mixed_precision="bf16" if config.train.precision == "bf16" else "no",
@@ -228,6 +229,19 @@ def _evaluate(config: RunConfig, loaded: Loaded, student: PreTrainedModel) -> di
             batch_size=config.eval.batch_size,
             with_teacher=config.eval.teacher,
         )
+
+
+def _fresh_accelerator_state() -> None:
+    """Let one process run several runs with different settings (the demo, tests, notebooks).
+
+    accelerate keeps its state in process-wide singletons and refuses a second `Accelerator` with
+    another precision; outside a distributed launch there is nothing to keep, so start afresh.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def _multi_process_cpu() -> bool:
