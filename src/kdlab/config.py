@@ -120,7 +120,10 @@ class TrainSpec:
 class EvalSpec:
     enabled: bool = _help("evaluate the student (and teacher) after training", True)
     num_examples: int = _help("held-out examples for evaluation", 200)
-    batch_size: int = _help("evaluation batch size", 64)
+    batch_size: int = _help(
+        "evaluation batch size (full logits of both models per batch; small for big vocabularies)",
+        16,
+    )
     teacher: bool = _help("also evaluate the teacher (accuracy), for the report", False)
 
 

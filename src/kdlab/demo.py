@@ -79,7 +79,7 @@ def student_config(plan: DemoPlan, method: str, seed: int, out: Path, teacher: s
             "data": plan.data,
             "loss": {"name": method},
             "train": {**plan.train, "seed": seed, "log_every": plan.train["max_steps"]},
-            "eval": {"num_examples": plan.eval_examples},
+            "eval": {"num_examples": plan.eval_examples, "batch_size": 100},
             "output_dir": str(out / f"runs-{plan.name}" / f"{method}-seed{seed}"),
         }
     )
