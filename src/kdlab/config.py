@@ -338,18 +338,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return from_dict(apply_overrides(raw, overrides or []))
 
 
-def replace(config: RunConfig, **changes: Any) -> RunConfig:
-    """A new config with dotted fields changed, e.g. `replace(c, **{"train.seed": 1})`."""
-    raw = config.to_dict()
-    for key, value in changes.items():
-        node = raw
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return from_dict(raw)
-
-
 def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default, help) for every field, for `--help-config` and the docs."""
     rows = []

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from kdlab.data.collate import collate
-from kdlab.regimes.base import REGIMES, Regime
+from kdlab.regimes.base import REGIMES, Regime, RegimeContext
 
 
 def global_order(num_examples: int, seed: int, epoch: int) -> list[int]:
@@ -24,6 +24,10 @@ class OffPolicy(Regime):
     step number alone, which is what makes resuming exact.
     """
 
+    def __init__(self, context: RegimeContext) -> None:
+        super().__init__(context)
+        self._orders: dict[int, list[int]] = {}
+
     def _indices(self, slot: int) -> list[int]:
         c = self.context
         n = len(c.dataset)
@@ -36,11 +40,12 @@ class OffPolicy(Regime):
         return out
 
     def _order(self, epoch: int) -> list[int]:
-        cache = self.__dict__.setdefault("_orders", {})
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = global_order(len(self.context.dataset), self.context.seed, epoch)
-        return cache[epoch]
+        # a micro-batch spans at most two epochs: keep the two most recent orders
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = global_order(len(self.context.dataset), self.context.seed, epoch)
+        return self._orders[epoch]
 
     def micro_batches(self, step: int) -> list[dict[str, Tensor]]:
         c = self.context
