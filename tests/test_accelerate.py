@@ -23,12 +23,17 @@ def _losses(run: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path: Path, tiny_teacher: Path) -> None:
-    """2 processes x batch 4 see the same global batch as 1 process x batch 8: same losses."""
+    """2 processes x batch 4 see the same global batch as 1 process x batch 8: same losses.
+
+    The two-process run also uses the chunked loss (lm_head gradients through DDP), the
+    one-process run the plain logits path.
+    """
     common = {"eval": {"enabled": False}}
     two = write_config(
         tmp_path / "two.yaml",
         tiny_teacher,
-        train={"batch_size": 4, "max_steps": 3, "progress": False},
+        # the chunked loss under DDP must match the plain loss of one process
+        train={"batch_size": 4, "max_steps": 3, "progress": False, "chunked": True},
         output_dir=str(tmp_path / "two"),
         **common,
     )
