@@ -273,12 +273,13 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_loss(LOSSES["fkl"], *args, chunk_size=0)
 
-    class BatchCoupled(KDLoss):
-        name = "batch_coupled"
-        position_wise = False
+    with pytest.raises(ValueError, match=r"\[batch, T, H\]"):
+        chunked_loss(_SequenceCoupled(), *args)
 
-    with pytest.raises(ValueError, match="cannot be chunked"):
-        chunked_loss(BatchCoupled(), *args)
+
+class _SequenceCoupled(KDLoss):
+    name = "sequence_coupled"
+    coupling = "sequence"
 
 
 HAS_CXX = any(shutil.which(c) for c in ("c++", "g++", "clang++"))

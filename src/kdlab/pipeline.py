@@ -54,6 +54,9 @@ class Loaded:
     eval_encoded: list[Encoded]
 
 
+LOSS_STATE_FILE = "loss_state.safetensors"
+
+
 def build_run_loss(config: RunConfig) -> KDLoss:
     """`kd_weight · <loss> + ce_weight · ce`, each term logged as `loss/kd` and `loss/ce`."""
     terms: dict[str, tuple[KDLoss, float]] = {}
@@ -202,6 +205,7 @@ def run_distill(
     if accelerator.is_main_process:
         student.save_pretrained(out / "student")
         loaded.tokenizer.save_pretrained(out / "student")
+        _save_loss_state(trainer.loss_fn, out)
         if config.eval.enabled:
             metrics = _evaluate(config, loaded, student)
             (out / "eval.json").write_text(json.dumps(metrics, indent=2))
@@ -212,6 +216,15 @@ def run_distill(
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return RunSummary(out, result.steps, result.final_loss, metrics)
+
+
+def _save_loss_state(loss_fn: KDLoss, out: Path) -> None:
+    """The final state of a learnable or stateful loss (`dac_kl`'s network, TAID's t)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in loss_fn.state_dict().items()}
+    if state:
+        from safetensors.torch import save_file
+
+        save_file(state, str(out / LOSS_STATE_FILE))
 
 
 def _evaluate(config: RunConfig, loaded: Loaded, student: PreTrainedModel) -> dict[str, Any]:

@@ -3,6 +3,23 @@
 A loss is a pure function that maps `(student_logits, teacher_logits, labels)` to per-position
 values; `register_loss` wraps it into a `KDLoss` module whose call reduces those values with the
 one reduction helper. Stateful methods subclass `KDLoss` directly and override `on_step`.
+
+Most losses are *position-wise*: a position's value depends on that position's logits only. Some
+methods couple positions, and say how through `coupling`, so that the plain path and the chunked
+path (`kdlab.losses.chunked`) compute the same thing:
+
+* `"position"`: nothing is coupled; chunks may cut anywhere.
+* `"sequence"`: a position's value depends on other positions of its sequence (span products,
+  co-activation graphs); `per_position_terms` gets `[..., T, V]` logits with `[..., T]` labels and
+  handles masked positions itself; chunks are whole sequences.
+* `"group"`: positions are coupled in groups of `group_size` consecutive *counted* positions (a
+  transport plan between positions); `per_position_terms` gets `[M, V]` rows that all count, the
+  base class drops the other positions first; chunks are whole groups.
+* `"batch"`: a position's value depends on a statistic of all counted positions of the call (a
+  batch median). The loss computes per-position statistics from the teacher alone
+  (`batch_statistics`), summarises them over the counted positions (`summarise`) and receives the
+  summary in `per_position_terms(..., summary=...)`; the chunked path runs a first pass over the
+  teacher's chunks to collect the statistics, so the value is exact at any chunk size.
 """
 
 from __future__ import annotations
@@ -11,9 +28,10 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
-from kdlab.losses.reduce import reduce_positions
+from kdlab.losses.reduce import counted_mask, reduce_positions
 from kdlab.registry import Registry
 
 LOSSES: Registry[type[KDLoss]] = Registry("loss")
@@ -30,9 +48,7 @@ class KDLoss(nn.Module):
     paper: ClassVar[str] = ""
     needs_labels: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = True
-    # False for losses that couple positions (batch statistics, transport plans): the chunked
-    # helper refuses them unless they implement their own chunking
-    position_wise: ClassVar[bool] = True
+    coupling: ClassVar[str] = "position"  # "position" | "sequence" | "group" | "batch"
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **hparams: Any) -> None:
@@ -53,13 +69,66 @@ class KDLoss(nn.Module):
         raise NotImplementedError
 
     def per_position_terms(
-        self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor | None
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor | None,
+        labels: Tensor | None,
+        *,
+        summary: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """Named, unweighted per-position terms; `term_weights` says how they sum to the loss."""
+        """Named, unweighted per-position terms; `term_weights` says how they sum to the loss.
+
+        `summary` is `summarise`'s result for `coupling == "batch"` losses, else `None`.
+        """
         return {self.name: self.per_position(student_logits, teacher_logits, labels)}
 
     def term_weights(self) -> dict[str, float]:
         return {self.name: 1.0}
+
+    @property
+    def group_size(self) -> int:
+        """Counted positions coupled together (`coupling == "group"` only)."""
+        raise NotImplementedError(f"loss {self.name!r} does not couple positions in groups")
+
+    def batch_statistics(
+        self, teacher_logits: Tensor | None, labels: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Pass 1 of a `"batch"` loss: per-position statistics `[...]`, from the teacher only."""
+        return {}
+
+    def summarise(self, statistics: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch summary from `batch_statistics` of the counted positions (each `[M]`)."""
+        return {}
+
+    def terms(
+        self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Per-position terms `[...]` of a whole batch, whatever the coupling (the plain path)."""
+        if self.coupling == "group":
+            return self._group_terms(student_logits, teacher_logits, labels)
+        summary = None
+        if self.coupling == "batch":
+            mask = counted_mask(labels, student_logits.shape[:-1], student_logits.device)
+            with torch.no_grad():
+                stats = self.batch_statistics(teacher_logits, labels)
+                summary = self.summarise({k: v[mask] for k, v in stats.items()})
+        return self.per_position_terms(student_logits, teacher_logits, labels, summary=summary)
+
+    def _group_terms(
+        self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Drop the uncounted positions, compute on `[M, V]`, scatter back to `[...]`."""
+        mask = counted_mask(labels, student_logits.shape[:-1], student_logits.device)
+        rows = self.per_position_terms(
+            student_logits[mask],
+            None if teacher_logits is None else teacher_logits[mask],
+            None if labels is None else labels[mask],
+        )
+        out = {}
+        for k, v in rows.items():
+            full = torch.zeros(mask.shape, dtype=v.dtype, device=v.device)
+            out[k] = full.masked_scatter(mask, v)
+        return out
 
     def check_inputs(self, teacher_logits: Tensor | None, labels: Tensor | None) -> None:
         if self.needs_labels and labels is None:
@@ -76,9 +145,9 @@ class KDLoss(nn.Module):
         num_items_in_batch: int | Tensor | None = None,
     ) -> Tensor:
         """Scalar loss: mean over counted positions (or sum / `num_items_in_batch`)."""
-        self.check_inputs(teacher_logits, labels)
-        values = self.per_position(student_logits, teacher_logits, labels)
-        return reduce_positions(values, labels, num_items_in_batch=num_items_in_batch)
+        return self.forward_terms(
+            student_logits, teacher_logits, labels, num_items_in_batch=num_items_in_batch
+        )[0]
 
     def forward_terms(
         self,
@@ -90,7 +159,7 @@ class KDLoss(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted total (with gradient) and each named term, reduced and detached."""
         self.check_inputs(teacher_logits, labels)
-        terms = self.per_position_terms(student_logits, teacher_logits, labels)
+        terms = self.terms(student_logits, teacher_logits, labels)
         reduced = {
             k: reduce_positions(v, labels, num_items_in_batch=num_items_in_batch)
             for k, v in terms.items()
@@ -99,8 +168,21 @@ class KDLoss(nn.Module):
         total = sum(weights[k] * v for k, v in reduced.items())
         return total, {k: v.detach() for k, v in reduced.items()}
 
-    def on_step(self, step: int, total_steps: int, loss_value: float) -> None:
-        """Called by the trainer after every optimiser step; stateless losses ignore it."""
+    def on_step(
+        self,
+        step: int,
+        total_steps: int,
+        loss_value: float,
+        terms: Mapping[str, float] | None = None,
+    ) -> None:
+        """Called by the trainer after every optimiser step; stateless losses ignore it.
+
+        Args:
+            step: optimiser steps finished so far (1 after the first step).
+            total_steps: the run's `max_steps`.
+            loss_value: this loss's value on the step (mean over the step's counted positions).
+            terms: the value of each of this loss's named terms on the step (`forward_terms`).
+        """
 
     def log_values(self) -> dict[str, float]:
         """Extra scalars to log each step (e.g. TAID's `taid/t`)."""
@@ -111,7 +193,11 @@ class KDLoss(nn.Module):
 
 
 class WeightedSum(KDLoss):
-    """`Σ w_i · loss_i`, e.g. `kd_weight·KD + ce_weight·CE`; each term is logged by its key."""
+    """`Σ w_i · loss_i`, e.g. `kd_weight·KD + ce_weight·CE`; each term is logged by its key.
+
+    A part with several named terms (e.g. a diagnostic term of weight 0) contributes its main term
+    (the one named after the loss) under its key and the others under `"<key>/<term>"`.
+    """
 
     name = "weighted_sum"
 
@@ -119,6 +205,13 @@ class WeightedSum(KDLoss):
         super().__init__()
         self.losses = nn.ModuleDict({k: loss for k, (loss, _) in terms.items()})
         self.weights = {k: float(w) for k, (_, w) in terms.items()}
+        kinds = {loss.coupling for loss in self.losses.values()} - {"position"}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"cannot combine losses with different couplings ({', '.join(sorted(kinds))}) "
+                "in one weighted sum"
+            )
+        self._coupling = kinds.pop() if kinds else "position"
 
     @property
     def needs_labels(self) -> bool:  # type: ignore[override]
@@ -129,39 +222,94 @@ class WeightedSum(KDLoss):
         return any(loss.needs_teacher for loss in self.losses.values())
 
     @property
-    def position_wise(self) -> bool:  # type: ignore[override]
-        return all(loss.position_wise for loss in self.losses.values())
+    def coupling(self) -> str:  # type: ignore[override]
+        return self._coupling
+
+    @property
+    def group_size(self) -> int:
+        return next(p.group_size for p in self.losses.values() if p.coupling == "group")
 
     def check_inputs(self, teacher_logits: Tensor | None, labels: Tensor | None) -> None:
         for loss in self.losses.values():
             loss.check_inputs(teacher_logits, labels)
 
-    def per_position_terms(
-        self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor | None
+    def batch_statistics(
+        self, teacher_logits: Tensor | None, labels: Tensor | None
     ) -> dict[str, Tensor]:
-        return {
-            k: loss.per_position(student_logits, teacher_logits, labels)
-            for k, loss in self.losses.items()
-        }
+        out = {}
+        for k, loss in self.losses.items():
+            stats = loss.batch_statistics(teacher_logits, labels)
+            out.update({f"{k}/{name}": v for name, v in stats.items()})
+        return out
+
+    def summarise(self, statistics: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {}
+        for k, loss in self.losses.items():
+            own = _strip(statistics, k)
+            if own:
+                out.update({f"{k}/{name}": v for name, v in loss.summarise(own).items()})
+        return out
+
+    def per_position_terms(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor | None,
+        labels: Tensor | None,
+        *,
+        summary: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        out = {}
+        for k, loss in self.losses.items():
+            own = _strip(summary or {}, k) or None
+            terms = loss.per_position_terms(student_logits, teacher_logits, labels, summary=own)
+            out.update({_term_key(k, loss, name): v for name, v in terms.items()})
+        return out
 
     def term_weights(self) -> dict[str, float]:
-        return dict(self.weights)
+        return {
+            _term_key(k, loss, name): self.weights[k] * w
+            for k, loss in self.losses.items()
+            for name, w in loss.term_weights().items()
+        }
 
     def per_position(
         self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor | None
     ) -> Tensor:
-        terms = self.per_position_terms(student_logits, teacher_logits, labels)
-        return sum(self.weights[k] * v for k, v in terms.items())
+        terms = self.terms(student_logits, teacher_logits, labels)
+        weights = self.term_weights()
+        return sum(weights[k] * v for k, v in terms.items())
 
-    def on_step(self, step: int, total_steps: int, loss_value: float) -> None:
-        for loss in self.losses.values():
-            loss.on_step(step, total_steps, loss_value)
+    def on_step(
+        self,
+        step: int,
+        total_steps: int,
+        loss_value: float,
+        terms: Mapping[str, float] | None = None,
+    ) -> None:
+        """Each part sees its own value and terms, not the weighted total."""
+        terms = terms or {}
+        for k, loss in self.losses.items():
+            own = {
+                name: terms[key]
+                for name in loss.term_weights()
+                if (key := _term_key(k, loss, name)) in terms
+            }
+            loss.on_step(step, total_steps, terms.get(k, loss_value), own)
 
     def log_values(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for loss in self.losses.values():
             out.update(loss.log_values())
         return out
+
+
+def _term_key(key: str, loss: KDLoss, term: str) -> str:
+    return key if term == loss.name else f"{key}/{term}"
+
+
+def _strip(values: Mapping[str, Tensor], key: str) -> dict[str, Tensor]:
+    prefix = f"{key}/"
+    return {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
 
 
 def register_loss(

@@ -7,11 +7,17 @@ that chunk, and computes the chunk's gradient with respect to the student's hidd
 and bias right away (in the forward), so at most one chunk of logits is alive at any time. The
 backward only scales the stored gradients by the incoming gradient. This is the pattern of
 Liger-Kernel's `chunked_loss/fused_linear_distillation.py`, written for kdlab's `KDLoss` API.
+
+Losses that couple positions (`KDLoss.coupling`) stay exact: `"sequence"` losses get chunks of
+whole sequences (the hidden states keep their `[..., T, H]` shape), `"group"` losses get the
+counted positions only, in chunks of whole groups, and `"batch"` losses get a first pass over the
+teacher's chunks that collects their batch statistics before the loss is computed. A loss with
+learnable parameters (e.g. `dac_kl`'s sub-network) gets their gradients too.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -72,13 +78,30 @@ def chunked_loss(
     Returns:
         The scalar loss, or `(loss, {term: value})` with `return_terms=True`.
     """
-    s_hidden, t_hidden, flat_labels = _check_and_flatten(
+    s_hidden, t_hidden, flat_labels, seq_len = _check_and_flatten(
         loss_fn, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, chunk_size
     )
     mask = counted_mask(flat_labels, s_hidden.shape[:1], s_hidden.device)  # [N]
     denom = normaliser(mask, num_items_in_batch, dtype=torch.float32)
+    if loss_fn.coupling == "group":  # only counted positions, in whole groups
+        keep = mask
+        s_hidden, mask = s_hidden[keep], mask[keep]
+        t_hidden = None if t_hidden is None else t_hidden[keep.to(t_hidden.device)]
+        flat_labels = None if flat_labels is None else flat_labels[keep]
+        chunk_size = max(1, chunk_size // loss_fn.group_size) * loss_fn.group_size
+    elif seq_len is not None:  # whole sequences
+        chunk_size = max(1, chunk_size // seq_len) * seq_len
     names = list(loss_fn.term_weights())
+    params = [p for p in loss_fn.parameters() if p.requires_grad]
     total, *values = _ChunkedLossFunction.apply(
+        _Options(
+            loss_fn,
+            names,
+            chunk_size,
+            seq_len,
+            len(params),
+            _use_compile(compiled, s_hidden, params),
+        ),
         s_hidden,
         student_weight,
         student_bias,
@@ -88,14 +111,26 @@ def chunked_loss(
         flat_labels,
         mask,
         denom,
-        loss_fn,
-        names,
-        chunk_size,
-        _auto_compile(s_hidden.device) if compiled is None else compiled,
+        *params,
     )
     if not return_terms:
         return total
     return total, dict(zip(names, values, strict=True))
+
+
+class _Options(NamedTuple):
+    loss_fn: KDLoss
+    names: list[str]
+    chunk_size: int
+    seq_len: int | None  # chunks are whole sequences of this length ("sequence" coupling)
+    num_params: int  # learnable parameters of the loss, appended to the Function's inputs
+    compiled: bool
+
+
+def _use_compile(compiled: bool | None, hidden: Tensor, params: list[Tensor]) -> bool:
+    if params:  # parameter gradients are taken with plain autograd, eagerly
+        return False
+    return _auto_compile(hidden.device) if compiled is None else compiled
 
 
 def _check_and_flatten(
@@ -106,18 +141,21 @@ def _check_and_flatten(
     teacher_weight: Tensor | None,
     labels: Tensor | None,
     chunk_size: int,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    if not getattr(loss_fn, "position_wise", True):
-        raise ValueError(
-            f"loss {loss_fn.name!r} couples positions across the batch, so it cannot be chunked; "
-            "call it on full logits instead"
-        )
+) -> tuple[Tensor, Tensor | None, Tensor | None, int | None]:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     loss_fn.check_inputs(teacher_hidden, labels)
     if (teacher_hidden is None) != (teacher_weight is None):
         raise ValueError("pass teacher_hidden and teacher_weight together (or neither)")
     vocab, h_s = student_weight.shape
+    seq_len = None
+    if loss_fn.coupling == "sequence":
+        if student_hidden.dim() < 3:
+            raise ValueError(
+                f"loss {loss_fn.name!r} couples the positions of a sequence: pass hidden states "
+                f"[batch, T, H] (and labels [batch, T]), got shape {tuple(student_hidden.shape)}"
+            )
+        seq_len = student_hidden.shape[-2]
     if student_hidden.shape[-1] != h_s:
         raise ValueError(
             f"student hidden size {student_hidden.shape[-1]} != student lm_head input size {h_s}"
@@ -140,7 +178,7 @@ def _check_and_flatten(
         raise ValueError(
             f"labels have {flat_labels.shape[0]} positions, hidden states {s_hidden.shape[0]}"
         )
-    return s_hidden, t_hidden, flat_labels
+    return s_hidden, t_hidden, flat_labels, seq_len
 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -184,6 +222,7 @@ class _ChunkedLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
+        opts: _Options,
         s_hidden: Tensor,  # [N, Hs]
         s_weight: Tensor,  # [V, Hs]
         s_bias: Tensor | None,  # [V]
@@ -193,34 +232,24 @@ class _ChunkedLossFunction(torch.autograd.Function):
         labels: Tensor | None,  # [N]
         mask: Tensor,  # [N] bool
         denom: Tensor,  # scalar float32
-        loss_fn: KDLoss,
-        names: list[str],
-        chunk_size: int,
-        compiled: bool,
+        *params: Tensor,  # the loss's learnable parameters
     ) -> tuple[Tensor, ...]:
         student = (s_hidden, s_weight, s_bias)
         teacher = None if t_hidden is None else (t_hidden, t_weight, t_bias)
         # read autocast's dtype first, then turn autocast off: the casts below are explicit
         dtypes = (_compute_dtype(s_hidden, s_weight), _teacher_dtype(teacher))
+        needs_grad = ctx.needs_input_grad[1:4]
         with torch.autocast(s_hidden.device.type, enabled=False):
+            summary = _batch_summary(opts, teacher, labels, mask, dtypes[1], s_hidden.device)
             sums, grads = _run_chunks(
-                loss_fn,
-                names,
-                student,
-                teacher,
-                labels,
-                mask,
-                denom,
-                chunk_size,
-                needs_grad=ctx.needs_input_grad[:3],
-                dtypes=dtypes,
-                compiled=compiled,
+                opts, student, teacher, labels, mask, denom, summary, params, needs_grad, dtypes
             )
         ctx.save_for_backward(*grads)
-        weights = loss_fn.term_weights()
-        values = [sums[i] / denom for i in range(len(names))]
+        ctx.num_params = len(params)
+        weights = opts.loss_fn.term_weights()
+        values = [sums[i] / denom for i in range(len(opts.names))]
         total = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
-        for name, value in zip(names, values, strict=True):
+        for name, value in zip(opts.names, values, strict=True):
             total = total + weights[name] * value
         ctx.mark_non_differentiable(*values)
         return (total, *values)
@@ -229,44 +258,80 @@ class _ChunkedLossFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_total: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         scale = grad_total.float()
         grads = [None if g is None else (g * scale).to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, *(None,) * 10)
+        student, params = grads[:3], grads[3:]
+        return (None, *student, *(None,) * 6, *params)
 
 
 def _teacher_dtype(teacher: tuple[Tensor, Tensor, Tensor | None] | None) -> torch.dtype | None:
     return None if teacher is None else _compute_dtype(teacher[0], teacher[1])
 
 
+def _chunks(opts: _Options, n: int) -> list[slice]:
+    return [slice(start, start + opts.chunk_size) for start in range(0, n, opts.chunk_size)]
+
+
+def _shaped(opts: _Options, logits: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Chunk rows as the loss expects them: `[b, T, V]` for a `"sequence"` loss, else `[n, V]`."""
+    if opts.seq_len is None:
+        return logits, labels
+    t = opts.seq_len
+    return logits.view(-1, t, logits.shape[-1]), None if labels is None else labels.view(-1, t)
+
+
+def _batch_summary(
+    opts: _Options,
+    teacher: tuple[Tensor, Tensor, Tensor | None] | None,
+    labels: Tensor | None,
+    mask: Tensor,
+    t_dtype: torch.dtype | None,
+    device: torch.device,
+) -> dict[str, Tensor] | None:
+    """Pass 1 of a `"batch"` loss: its statistics over every counted position, summarised."""
+    if opts.loss_fn.coupling != "batch":
+        return None
+    parts: dict[str, list[Tensor]] = {}
+    t_hidden, t_weight, t_bias = teacher if teacher is not None else (None, None, None)
+    n = mask.shape[0]
+    for sl in _chunks(opts, n):
+        t_logits = None
+        if t_hidden is not None:
+            t_logits = _project(t_hidden[sl], t_weight, t_bias, t_dtype).to(device)
+        chunk_labels = None if labels is None else labels[sl]
+        for k, v in opts.loss_fn.batch_statistics(t_logits, chunk_labels).items():
+            parts.setdefault(k, []).append(v.reshape(-1)[mask[sl]])
+    return opts.loss_fn.summarise({k: torch.cat(v) for k, v in parts.items()})
+
+
 def _run_chunks(
-    loss_fn: KDLoss,
-    names: list[str],
+    opts: _Options,
     student: tuple[Tensor, Tensor, Tensor | None],
     teacher: tuple[Tensor, Tensor, Tensor | None] | None,
     labels: Tensor | None,
     mask: Tensor,
     denom: Tensor,
-    chunk_size: int,
-    *,
+    summary: dict[str, Tensor] | None,
+    params: tuple[Tensor, ...],
     needs_grad: tuple[bool, bool, bool],
     dtypes: tuple[torch.dtype, torch.dtype | None],
-    compiled: bool,
-) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
-    """The chunk loop: per-term masked sums `[terms]` and the student's gradients (unscaled).
+) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+    """The chunk loop: per-term masked sums `[terms]` and the gradients (unscaled).
 
-    Gradients are of `Σ_k w_k · sum_k / denom`; the weight's and bias's accumulate in float32.
+    Gradients are of `Σ_k w_k · sum_k / denom`: the student's hidden states, weight and bias,
+    then the loss's parameters; the weight's, bias's and parameters' accumulate in float32.
     """
     s_hidden, s_weight, s_bias = student
     dtype, t_dtype = dtypes
     device = s_hidden.device
     need_h, need_w, need_b = needs_grad
-    need_any = need_h or need_w or need_b
+    need_any = need_h or need_w or need_b or bool(params)
     grad_h = torch.empty(s_hidden.shape, dtype=dtype, device=device) if need_h else None
     grad_w = torch.zeros(s_weight.shape, dtype=torch.float32, device=device) if need_w else None
     grad_b = torch.zeros(s_weight.shape[0], dtype=torch.float32, device=device) if need_b else None
+    grad_p = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     w_compute = s_weight.to(dtype)  # no copy unless hidden and weight dtypes differ
-    step = _chunk_step(compiled)
-    sums = torch.zeros(len(names), dtype=torch.float32, device=device)
-    for start in range(0, s_hidden.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
+    step = _chunk_step(opts.compiled) if not params else _value_and_grad_autograd
+    sums = torch.zeros(len(opts.names), dtype=torch.float32, device=device)
+    for sl in _chunks(opts, s_hidden.shape[0]):
         h = s_hidden[sl].to(dtype)  # [n, Hs]
         t_logits = None
         if teacher is not None:
@@ -274,11 +339,12 @@ def _run_chunks(
             t_logits = _project(t_hidden[sl], t_weight, t_bias, t_dtype).to(device)  # [n, V]
         s_logits = _project(h, w_compute, s_bias, dtype)  # [n, V] float32
         chunk_labels = None if labels is None else labels[sl]
-        chunk_sums, grad_logits = step(
-            loss_fn, names, s_logits, t_logits, chunk_labels, mask[sl], denom, dtype, need_any
-        )  # [terms], [n, V] in the compute dtype (or None)
+        chunk = _Chunk(s_logits, t_logits, chunk_labels, mask[sl], denom, summary)
+        chunk_sums, grad_logits, chunk_grad_p = step(opts, chunk, dtype, need_any, params)
         sums += chunk_sums
-        del t_logits, s_logits
+        del t_logits, s_logits, chunk
+        for acc, g in zip(grad_p, chunk_grad_p, strict=True):
+            acc += g
         if grad_h is not None:
             torch.mm(grad_logits, w_compute, out=grad_h[sl])
         if grad_w is not None:
@@ -290,34 +356,57 @@ def _run_chunks(
         None if grad_h is None else grad_h.to(s_hidden.dtype),
         None if grad_w is None else grad_w.to(s_weight.dtype),
         None if grad_b is None or s_bias is None else grad_b.to(s_bias.dtype),
+        *(g.to(p.dtype) for g, p in zip(grad_p, params, strict=True)),
     )
     return sums, grads
 
 
+class _Chunk(NamedTuple):
+    s_logits: Tensor  # [n, V] float32
+    t_logits: Tensor | None  # [n, V] float32
+    labels: Tensor | None  # [n]
+    mask: Tensor  # [n] bool
+    denom: Tensor  # scalar
+    summary: dict[str, Tensor] | None
+
+
+def _total_and_sums(opts: _Options, chunk: _Chunk, s_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """`Σ_k w_k sum_k / denom` and the masked per-term sums `[terms]` of one chunk."""
+    weights = opts.loss_fn.term_weights()
+    logits, labels = _shaped(opts, s_logits, chunk.labels)
+    t_logits = None if chunk.t_logits is None else _shaped(opts, chunk.t_logits, None)[0]
+    terms = opts.loss_fn.per_position_terms(logits, t_logits, labels, summary=chunk.summary)
+    sums = torch.stack(
+        [torch.where(chunk.mask, terms[k].reshape(-1).float(), 0.0).sum() for k in opts.names]
+    )
+    total = sum(weights[k] * sums[i] for i, k in enumerate(opts.names)) / chunk.denom
+    return total, sums
+
+
 def _value_and_grad(
-    loss_fn: KDLoss,
-    names: list[str],
-    s_logits: Tensor,  # [n, V] float32
-    t_logits: Tensor | None,  # [n, V] float32
-    labels: Tensor | None,  # [n]
-    mask: Tensor,  # [n] bool
-    denom: Tensor,  # scalar
-    grad_dtype: torch.dtype,
-    need_grad: bool,
-) -> tuple[Tensor, Tensor | None]:
+    opts: _Options, chunk: _Chunk, grad_dtype: torch.dtype, need_grad: bool, params: tuple = ()
+) -> tuple[Tensor, Tensor | None, list[Tensor]]:
     """One chunk: masked per-term sums `[terms]` and `d(Σ_k w_k sum_k / denom) / d s_logits`."""
-    weights = loss_fn.term_weights()
-
-    def total_and_sums(logits: Tensor) -> tuple[Tensor, Tensor]:
-        terms = loss_fn.per_position_terms(logits, t_logits, labels)
-        sums = torch.stack([torch.where(mask, terms[k].float(), 0.0).sum() for k in names])
-        total = sum(weights[k] * sums[i] for i, k in enumerate(names)) / denom
-        return total, sums
-
     if not need_grad:
-        return total_and_sums(s_logits)[1], None
-    grad, (_, sums) = torch.func.grad_and_value(total_and_sums, has_aux=True)(s_logits)
-    return sums.detach(), grad.to(grad_dtype)
+        return _total_and_sums(opts, chunk, chunk.s_logits)[1], None, []
+    grad, (_, sums) = torch.func.grad_and_value(
+        lambda z: _total_and_sums(opts, chunk, z), has_aux=True
+    )(chunk.s_logits)
+    return sums.detach(), grad.to(grad_dtype), []
+
+
+def _value_and_grad_autograd(
+    opts: _Options, chunk: _Chunk, grad_dtype: torch.dtype, need_grad: bool, params: tuple
+) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """`_value_and_grad` that also differentiates the loss's own parameters (plain autograd)."""
+    with torch.enable_grad():
+        s_logits = chunk.s_logits.detach().requires_grad_()
+        total, sums = _total_and_sums(opts, chunk, s_logits)
+        grads = torch.autograd.grad(total, [s_logits, *params], allow_unused=True)
+    grad_p = [
+        torch.zeros_like(p) if g is None else g for g, p in zip(grads[1:], params, strict=True)
+    ]
+    return sums.detach(), grads[0].to(grad_dtype), grad_p
 
 
 _compiled_value_and_grad: Any = None

@@ -132,22 +132,24 @@ class Trainer:
 
     def _chunked_micro_loss(self, batch, inputs, labels, num_items):  # noqa: ANN001, ANN202
         out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1)
-        mask = labels != IGNORE_INDEX  # [B, T]
-        hidden = out.hidden_states[-1][mask]  # [N, H]
+        # only counted positions are projected, unless the loss couples the positions of a
+        # sequence: then whole sequences `[B, T, H]` go in and the loss masks them itself
+        keep = labels != IGNORE_INDEX if self.loss_fn.coupling != "sequence" else ...
+        hidden = out.hidden_states[-1][keep]  # [N, H] or [B, T, H]
         head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
         weight = head.weight if self.vocab is None else head.weight[: self.vocab]
         bias = head.bias if head.bias is None or self.vocab is None else head.bias[: self.vocab]
         t_hidden = t_weight = t_bias = None
         if self.teacher is not None:
             signal = self.teacher.signal(batch, hidden=True)
-            t_hidden, t_weight, t_bias = signal.hidden[mask], signal.weight, signal.bias
+            t_hidden, t_weight, t_bias = signal.hidden[keep], signal.weight, signal.bias
         total, terms = chunked_loss(
             self.loss_fn,
             hidden,
             weight,
             t_hidden,
             t_weight,
-            labels[mask],
+            labels[keep],
             student_bias=bias,
             teacher_bias=t_bias,
             chunk_size=self.spec.chunk_size,
@@ -177,6 +179,7 @@ class Trainer:
             total += loss.detach()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v
+        self._sync_loss_grads()
         grad_norm = self._clip()
         self.optimizer.step()
         self.scheduler.step()
@@ -191,6 +194,18 @@ class Trainer:
             tokens=int(num_items.item()),
         )
         return record
+
+    def _sync_loss_grads(self) -> None:
+        """Average the gradients of a learnable loss's parameters over processes.
+
+        DDP/FSDP average the model's gradients; a loss's own parameters (e.g. `dac_kl`'s network)
+        live outside the wrapped model, so their gradients are averaged here.
+        """
+        if self.accelerator.num_processes == 1:
+            return
+        for param in self.loss_fn.parameters():
+            if param.grad is not None:
+                param.grad = self.accelerator.reduce(param.grad, "mean")
 
     def _clip(self) -> float:
         if self.spec.max_grad_norm <= 0:
@@ -224,7 +239,8 @@ class Trainer:
                     raise RunInterrupted(f"stopped after step {step}")
                 record = self._step(step)
                 step += 1
-                self.loss_fn.on_step(step, self.spec.max_steps, record["loss"])
+                terms = {k[5:]: v for k, v in record.items() if k.startswith("loss/")}
+                self.loss_fn.on_step(step, self.spec.max_steps, record["loss"], terms)
                 record = {"step": step, **record, **self.loss_fn.log_values()}
                 record["elapsed_s"] = round(time.perf_counter() - began, 3)
                 self._emit(record, bar)
