@@ -44,7 +44,7 @@ class DemoPlan:
 FULL = DemoPlan(
     name="full",
     teacher_recipe="standard",
-    methods=("ce", "fkl", "rkl", "jsd", "skl", "akl"),
+    methods=("ce", "fkl", "rkl", "jsd", "skl", "akl", "atkd", "rlkd", "taid"),
     seeds=3,
     student={"model": "preset:small"},
     train={"max_steps": 450, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20},
