@@ -17,6 +17,7 @@ Two tricks make that hold:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -86,3 +87,39 @@ def check_skew(alpha: float) -> None:
         raise ValueError(
             f"alpha must be in [0, 1) (alpha=1 makes the loss identically 0), got {alpha!r}"
         )
+
+
+class TargetSplit(NamedTuple):
+    """A distribution split at the ground-truth token y (see `target_split`)."""
+
+    log_target: Tensor  # [...] log p_y
+    log_rest: Tensor  # [...] log(1 − p_y): the non-target mass
+    log_non_target: Tensor  # [..., V] log p̂: non-target distribution renormalised; y at LOG_ZERO
+
+
+def target_split(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> TargetSplit:
+    """Split `softmax(logits / τ)` at the ground-truth token (DKD, ATKD, NKD's target/non-target).
+
+    `log(1 − p_y)` is a log-sum-exp over the other tokens (exact also when p_y ≈ 1), and `p̂` is a
+    softmax over the logits without y (as the official codes' `masked_select`), so it is as exact as
+    `log_probs`. Added to the shared helpers because `dkd`, `atkd` and `nkd` all use it.
+
+    Args:
+        logits: `[..., V]` in any floating dtype (detach a teacher's before calling).
+        labels: `[...]` int64 ground-truth tokens; `-100` positions use token 0 (finite values,
+            which the reduction drops).
+        temperature: softmax temperature τ > 0.
+
+    Returns:
+        A `TargetSplit` of float32 tensors, all finite.
+    """
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    index = labels.masked_fill(labels < 0, 0).unsqueeze(-1)  # [..., 1]
+    is_target = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, index, True)  # [..., V]
+    log_p = torch.log_softmax(z, dim=-1).clamp_min(LOG_ZERO)
+    log_target = log_p.gather(-1, index).squeeze(-1)
+    log_rest = torch.logsumexp(log_p.masked_fill(is_target, LOG_ZERO), dim=-1).clamp_min(LOG_ZERO)
+    log_hat = torch.log_softmax(z.masked_fill(is_target, LOG_ZERO), dim=-1).clamp_min(LOG_ZERO)
+    return TargetSplit(log_target, log_rest, log_hat.masked_fill(is_target, LOG_ZERO))
