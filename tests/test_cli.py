@@ -17,6 +17,9 @@ def test_losses_lists_every_loss_with_hparams(capsys) -> None:  # noqa: ANN001
     for name in available_losses():
         assert f"\n{name} " in "\n" + out
     assert "beta=0.5" in out and "mu=0.5" in out and "alpha=0.1" in out
+    atkd = next(line for line in out.splitlines() if line.startswith("atkd "))
+    assert "alpha=0.2" in atkd and "labels" in atkd and "couples positions: batch" in atkd
+    assert "Revisiting Knowledge Distillation for Autoregressive" in out
 
 
 def test_help_config_and_no_command(capsys) -> None:  # noqa: ANN001

@@ -133,8 +133,12 @@ def _cmd_losses(args: argparse.Namespace) -> int:
     for name in available_losses():
         info = loss_info(name)
         hps = ", ".join(f"{k}={v!r}" for k, v in info["hparams"].items()) or "-"
-        print(f"{name:8s} {hps}")
+        needs = [w for w, on in (("labels", info["needs_labels"]),) if on]
+        if info["coupling"] != "position":
+            needs.append(f"couples positions: {info['coupling']}")
+        print(f"{name:8s} {hps}" + (f"  [{'; '.join(needs)}]" if needs else ""))
         print(f"{'':8s} {info['paper']}")
+    print("\nDetails: docs/losses/<name>.md; examples: configs/losses/<name>.yaml")
     return 0
 
 

@@ -97,7 +97,9 @@ class TrainSpec:
     lr_scheduler: Literal["constant", "linear", "cosine"] = _help(
         "learning-rate schedule after warm-up", "linear"
     )
-    max_grad_norm: float = _help("gradient clipping norm (0: off)", 1.0)
+    max_grad_norm: float = _help(
+        "gradient clipping norm (0: off); a learnable loss's parameters are clipped apart", 1.0
+    )
     kd_weight: float = _help("weight of the distillation loss", 1.0)
     ce_weight: float = _help("weight of the hard-label cross-entropy", 0.0)
     seed: int = _help("seed for data order and sampling", 0)

@@ -375,5 +375,6 @@ def loss_info(name: str) -> dict[str, Any]:
         "paper": cls.paper,
         "needs_labels": cls.needs_labels,
         "needs_teacher": cls.needs_teacher,
+        "coupling": cls.coupling,
         "summary": doc[0] if doc else "",
     }

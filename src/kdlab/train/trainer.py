@@ -211,6 +211,9 @@ class Trainer:
         if self.spec.max_grad_norm <= 0:
             return float("nan")
         norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.spec.max_grad_norm)
+        loss_params = [p for p in self.loss_fn.parameters() if p.grad is not None]
+        if loss_params:  # a learnable loss's own network, clipped by the same rule
+            torch.nn.utils.clip_grad_norm_(loss_params, self.spec.max_grad_norm)
         return float(norm)
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
