@@ -54,3 +54,31 @@ def write_config(path: Path, teacher: Path | None, **sections: Any) -> Path:
         raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) else value
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def run_example_config(
+    config: Path, teacher: Path, out: Path, max_steps: int = 2
+) -> list[dict[str, Any]]:
+    """Run an example config through `kdlab distill` with a tiny teacher, chunked; its metrics."""
+    import json
+
+    from kdlab.cli import main
+
+    overrides = {
+        "teacher.model": str(teacher),
+        "student.model": "preset:tiny",
+        "data.num_examples": 24,
+        "train.max_steps": max_steps,
+        "train.batch_size": 6,
+        "train.chunked": "true",
+        "train.chunk_size": 16,
+        "train.progress": "false",
+        "eval.enabled": "false",
+        "output_dir": str(out),
+    }
+    args = [item for k, v in overrides.items() for item in ("--set", f"{k}={v}")]
+    assert main(["distill", str(config), *args]) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

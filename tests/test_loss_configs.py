@@ -6,13 +6,12 @@ use the trainer's chunked path, so each loss goes through the same code a real r
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 
-from kdlab.cli import main
+from conftest import run_example_config
 from kdlab.config import load_config
 from kdlab.losses import available_losses
 
@@ -30,22 +29,7 @@ def test_example_config_runs(name: str, tmp_path: Path, tiny_teacher: Path) -> N
     config = load_config(path)
     assert config.loss.name == name
     assert config.output_dir == f"runs/{name}"
-    run = tmp_path / name
-    overrides = {
-        "teacher.model": str(tiny_teacher),
-        "student.model": "preset:tiny",
-        "data.num_examples": 24,
-        "train.max_steps": 2,
-        "train.batch_size": 6,
-        "train.chunked": "true",
-        "train.chunk_size": 16,
-        "train.progress": "false",
-        "eval.enabled": "false",
-        "output_dir": str(run),
-    }
-    args = [item for k, v in overrides.items() for item in ("--set", f"{k}={v}")]
-    assert main(["distill", str(path), *args]) == 0
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = run_example_config(path, tiny_teacher, tmp_path / name)
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
-    assert (run / "student" / "config.json").is_file()
+    assert (tmp_path / name / "student" / "config.json").is_file()

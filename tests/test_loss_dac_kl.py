@@ -6,7 +6,6 @@ the parity of the network's parameter gradients is checked here.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kdlab.cli import main
+from conftest import run_example_config
 from kdlab.losses import build_loss, chunked_loss, loss_info
 from kdlab.losses._common import kl_sum, log_probs
 from kdlab.losses.dac_kl import region_gate, region_kl
@@ -468,21 +467,7 @@ def test_state_dict_round_trip(tmp_path):
 def test_distill_trains_the_network_and_saves_it(tmp_path: Path, tiny_teacher: Path):
     config = Path(__file__).parent.parent / "configs" / "losses" / "dac_kl.yaml"
     run = tmp_path / "run"
-    overrides = {
-        "teacher.model": str(tiny_teacher),
-        "student.model": "preset:tiny",
-        "data.num_examples": 24,
-        "train.max_steps": 2,
-        "train.batch_size": 6,
-        "train.chunked": "true",
-        "train.chunk_size": 16,
-        "train.progress": "false",
-        "eval.enabled": "false",
-        "output_dir": str(run),
-    }
-    args = [item for k, v in overrides.items() for item in ("--set", f"{k}={v}")]
-    assert main(["distill", str(config), *args]) == 0
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = run_example_config(config, tiny_teacher, run, max_steps=2)
     assert all(math.isfinite(r["loss/kd/clip"]) and 0 < r["loss/kd/kept"] <= 1 for r in records)
     state = load_file(str(run / "loss_state.safetensors"))
     fresh = build_loss("dac_kl").state_dict()

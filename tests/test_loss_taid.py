@@ -5,7 +5,6 @@ The chunked-vs-plain parity of values and gradients runs in tests/test_losses_ch
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdlab.cli import main
+from conftest import run_example_config
 from kdlab.losses import WeightedSum, build_loss, chunked_loss, loss_info
 
 V = 11
@@ -403,21 +402,7 @@ def test_compiled_chunk_math_follows_t_without_recompiling():
 def test_distill_logs_t_and_updates_it_from_the_ce_term(tmp_path: Path, tiny_teacher: Path):
     config = Path(__file__).parent.parent / "configs" / "losses" / "taid.yaml"
     run = tmp_path / "run"
-    overrides = {
-        "teacher.model": str(tiny_teacher),
-        "student.model": "preset:tiny",
-        "data.num_examples": 24,
-        "train.max_steps": 3,
-        "train.batch_size": 6,
-        "train.chunked": "true",
-        "train.chunk_size": 16,
-        "train.progress": "false",
-        "eval.enabled": "false",
-        "output_dir": str(run),
-    }
-    args = [item for k, v in overrides.items() for item in ("--set", f"{k}={v}")]
-    assert main(["distill", str(config), *args]) == 0
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = run_example_config(config, tiny_teacher, run, max_steps=3)
     assert [r["taid/t"] for r in records][0] == pytest.approx(0.4)  # first step only records
     assert all(math.isfinite(r["loss/kd/ce"]) for r in records)
     assert records[1]["taid/t"] >= linear_target(2, 3) - 1e-6

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from kd_props import V, grad_of, make_batch
 
 from kdlab.losses import KDLoss, available_losses, build_loss, loss_info, reduce_positions
 
@@ -25,22 +26,6 @@ TOKEN_LEVEL = {
 ALL = list(TOKEN_LEVEL)
 # `ce` is not a divergence between the two models: it is not 0 when student == teacher.
 DIVERGENCES = [name for name in ALL if name != "ce"]
-V = 11
-
-
-def make_batch(seed: int = 0, b: int = 2, t: int = 5, v: int = V, scale: float = 2.0):
-    """Student/teacher logits `[b, t, v]` and labels `[b, t]` with some -100 positions."""
-    g = torch.Generator().manual_seed(seed)
-    student = (torch.randn(b, t, v, generator=g) * scale).requires_grad_()
-    teacher = torch.randn(b, t, v, generator=g) * scale
-    labels = torch.randint(0, v, (b, t), generator=g)
-    labels[0, 0] = labels[1, 3] = -100
-    return student, teacher, labels
-
-
-def grad_of(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    (g,) = torch.autograd.grad(value, x, allow_unused=True)
-    return torch.zeros_like(x) if g is None else g
 
 
 # --- registry -------------------------------------------------------------------------------
