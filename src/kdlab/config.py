@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from kdlab.models.generation import Sampling
+
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -83,7 +85,17 @@ class LossSpec:
 
 @dataclass(frozen=True)
 class RegimeSpec:
-    name: str = _help("where training sequences come from", "off_policy")
+    name: str = _help(
+        "where training sequences come from: off_policy, on_policy, seq_kd, adaptive, "
+        "warmup_distill, scrg (`kdlab regimes` lists them with their options)",
+        "off_policy",
+    )
+    generation: Sampling = _help(
+        "how generating regimes sample (student or teacher)", default_factory=Sampling
+    )
+    options: dict[str, Any] = _help(
+        "the regime's own options, written beside `name` in YAML", default_factory=dict
+    )
 
 
 @dataclass(frozen=True)
@@ -147,6 +159,12 @@ class RunConfig:
         data = dataclasses.asdict(self)
         loss = data["loss"]
         data["loss"] = {"name": loss["name"], **loss["hparams"]}
+        regime = data["regime"]
+        data["regime"] = {
+            "name": regime["name"],
+            **regime["options"],
+            "generation": regime["generation"],
+        }
         return data
 
 
@@ -246,6 +264,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
     except TypeError as err:  # a required field is missing
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs]
         raise ConfigError(f"config error at {where}: missing {', '.join(missing)}") from err
+    except ValueError as err:  # the dataclass's own check (e.g. regime.generation.top_p)
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"config error at {where}: {err}") from err
 
 
 def _check_range(path: str, value: Any) -> None:
@@ -257,13 +279,23 @@ def _check_range(path: str, value: Any) -> None:
         raise ConfigError(f"config error at {path}: must be {bound}, got {value!r}")
 
 
-def _split_loss(raw: dict[str, Any]) -> dict[str, Any]:
-    """YAML writes `loss: {name: jsd, beta: 0.3}`; the spec keeps hyperparameters apart."""
+def _split_sections(raw: dict[str, Any]) -> dict[str, Any]:
+    """YAML writes `loss: {name: jsd, beta: 0.3}` and `regime: {name: on_policy, lmbda: 0.5}`;
+    the specs keep a loss's hyperparameters and a regime's options apart."""
     loss = dict(raw.get("loss") or {})
     name = loss.pop("name", LossSpec.name)
     hparams = dict(loss.pop("hparams", {}) or {})
     hparams.update(loss)
-    return {**raw, "loss": {"name": name, "hparams": hparams}}
+    out = {**raw, "loss": {"name": name, "hparams": hparams}}
+    if "regime" in raw:
+        regime = dict(raw.get("regime") or {})
+        spec = {"name": regime.pop("name", RegimeSpec.name)}
+        if "generation" in regime:
+            spec["generation"] = regime.pop("generation")
+        options = dict(regime.pop("options", {}) or {})
+        options.update(regime)
+        out["regime"] = {**spec, "options": options}
+    return out
 
 
 def _validate_loss(spec: LossSpec) -> None:
@@ -282,13 +314,21 @@ def _validate_regime(spec: RegimeSpec) -> None:
         REGIMES.get(spec.name)
     except ValueError as err:
         raise ConfigError(f"config error at regime.name: {err}") from err
+    regime_options(spec)
+
+
+def regime_options(spec: RegimeSpec) -> Any:
+    """The regime's `Options` instance built from `regime.<option>` keys (validated)."""
+    from kdlab.regimes import REGIMES
+
+    return _build(REGIMES.get(spec.name).Options, spec.options, "regime")
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
     """Validate plain data (parsed YAML) into a `RunConfig`; raises `ConfigError`."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config error: the config must be a mapping, got {type(raw).__name__}")
-    config = _build(RunConfig, _split_loss(raw), "")
+    config = _build(RunConfig, _split_sections(raw), "")
     if config.train.report_to:
         bad = sorted(set(config.train.report_to) - {"wandb", "tensorboard"})
         if bad:

@@ -13,7 +13,7 @@ import torch
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdlab.config import ConfigError, ModelSpec, RunConfig
+from kdlab.config import ConfigError, ModelSpec, RunConfig, regime_options
 from kdlab.data.collate import Encoded
 from kdlab.data.datasets import Splits, encode_dataset, load_splits, task_name
 from kdlab.losses import KDLoss, WeightedSum, build_loss
@@ -25,7 +25,8 @@ from kdlab.models.loading import (
     load_model,
     load_tokenizer,
 )
-from kdlab.regimes import REGIMES, RegimeContext
+from kdlab.regimes import REGIMES, Regime, RegimeContext
+from kdlab.regimes.base import REGIME_DIR
 from kdlab.teachers import OnlineTeacher
 from kdlab.train.checkpoint import latest_checkpoint
 from kdlab.train.trainer import STATE_FILE, Trainer
@@ -74,11 +75,16 @@ def build_run_loss(config: RunConfig) -> KDLoss:
 def check_run_folder(config: RunConfig, resume: bool) -> Path:
     """Refuse to silently mix two runs in one folder."""
     out = Path(config.output_dir)
-    if not resume and latest_checkpoint(out) is not None:
-        raise ConfigError(
-            f"{out} already holds a run (checkpoints/); pass --resume to continue it, or choose "
-            "another output_dir"
-        )
+    held = {
+        "checkpoints": latest_checkpoint(out) is not None,
+        REGIME_DIR: (out / REGIME_DIR).is_dir(),
+    }
+    for part, present in held.items():
+        if not resume and present:
+            raise ConfigError(
+                f"{out} already holds a run ({part}/); pass --resume to continue it, or choose "
+                "another output_dir"
+            )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -162,6 +168,11 @@ def run_distill(
             f"config error: loss {config.loss.name!r} needs a teacher; set teacher.model "
             "(or use loss.name=ce for plain fine-tuning)"
         )
+    if REGIMES.get(config.regime.name).needs_teacher_model and config.teacher is None:
+        raise ConfigError(
+            f"config error: regime {config.regime.name!r} needs the teacher model (it generates "
+            "or scores with it); set teacher.model"
+        )
     _fresh_accelerator_state()
     accelerator = Accelerator(
         cpu=_multi_process_cpu(),
@@ -177,17 +188,9 @@ def run_distill(
         loaded.teacher.to(accelerator.device)
     if config.train.report_to:
         accelerator.init_trackers(out.name, config=_flat(config.to_dict()))
-    regime = REGIMES.get(config.regime.name)(
-        RegimeContext(
-            dataset=loaded.train,
-            pad_id=loaded.tokenizer.pad_token_id,
-            batch_size=config.train.batch_size,
-            grad_accum=config.train.grad_accum,
-            seed=config.train.seed,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-        )
-    )
+    loaded.student.to(accelerator.device)
+    regime = build_regime(config, loaded, accelerator, out)
+    regime.prepare(resume=resume)
     teacher = OnlineTeacher(loaded.teacher, vocab=loaded.vocab) if loaded.teacher else None
     trainer = Trainer(
         student=loaded.student,
@@ -216,6 +219,40 @@ def run_distill(
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return RunSummary(out, result.steps, result.final_loss, metrics)
+
+
+def build_regime(config: RunConfig, loaded: Loaded, accelerator: Any, out: Path) -> Regime:
+    """The configured regime, given the run's data, models and folder."""
+    try:
+        return REGIMES.get(config.regime.name)(
+            RegimeContext(
+                dataset=loaded.train,
+                pad_id=loaded.tokenizer.pad_token_id,
+                batch_size=config.train.batch_size,
+                grad_accum=config.train.grad_accum,
+                seed=config.train.seed,
+                rank=accelerator.process_index,
+                world_size=accelerator.num_processes,
+                eos_id=loaded.tokenizer.eos_token_id,
+                student=loaded.student,
+                teacher=loaded.teacher,
+                vocab=loaded.vocab,
+                output_dir=out,
+                eval_dataset=loaded.eval_encoded,
+                sampling=config.regime.generation,
+                options=regime_options(config.regime),
+                barrier=accelerator.wait_for_everyone,
+                extras={
+                    "max_length": config.data.max_length,
+                    "accelerator": accelerator,
+                    "config": config,
+                },
+            )
+        )
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"config error at regime: {err}") from err
 
 
 def _save_loss_state(loss_fn: KDLoss, out: Path) -> None:

@@ -9,33 +9,20 @@ per batch, never as full-dataset tensors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from kdlab.losses.reduce import IGNORE_INDEX
+from kdlab.models.generation import Sampling, eval_mode, generate
 from kdlab.tasks.base import Task
 from kdlab.tasks.oracle import OracleTask
 
 Batch = dict[str, Tensor]
-
-
-@contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put `models` in eval mode for the block; restore each one's training mode after."""
-    was_training = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, training in zip(models, was_training, strict=True):
-            m.train(training)
 
 
 def generate_answers(
@@ -65,22 +52,10 @@ def generate_answers(
         `N` strings: the new text only, in the order of `prompts`.
     """
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    config = _greedy_config(model, tokenizer, max_new_tokens)
-    device = next(model.parameters()).device
-    answers = [""] * len(prompts)
-    with eval_mode(model), torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            input_ids, attention_mask = _left_pad([encoded[i] for i in rows], config.pad_token_id)
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=config,
-            )  # [b, T + new]
-            for i, new in zip(rows, out[:, input_ids.shape[1] :], strict=True):
-                answers[i] = tokenizer.decode(new, skip_special_tokens=True)
-    return answers
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+    new = generate(model, encoded, pad_id=pad, eos_id=tokenizer.eos_token_id, sampling=sampling)
+    return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new]
 
 
 def score_answers(task: Task, examples: Sequence[dict[str, str]], answers: Sequence[str]) -> float:
@@ -228,37 +203,6 @@ def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Per-row KL(p‖q) `[N]` from log-probabilities `[N, V]`; terms with p = 0 count as 0."""
     p = log_p.exp()
     return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
-
-
-def _greedy_config(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int
-) -> GenerationConfig:
-    """Greedy decoding that stops at the tokenizer's eos and at any eos in the model's config."""
-    eos: list[int] = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    model_eos: Any = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos += [model_eos] if isinstance(model_eos, int) else list(model_eos or [])
-    eos = list(dict.fromkeys(eos))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-
-
-def _left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """`input_ids`, `attention_mask` `[b, T]`, each row right-aligned after `pad_id` padding."""
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for b, row in enumerate(rows):
-        if row:
-            input_ids[b, -len(row) :] = torch.tensor(row, dtype=torch.long)
-            attention_mask[b, -len(row) :] = 1
-    return input_ids, attention_mask
 
 
 def _check_lengths(a: Sequence[Any], b: Sequence[Any]) -> None:

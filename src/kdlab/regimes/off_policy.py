@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdlab.data.collate import collate
+from kdlab.data.collate import Encoded
 from kdlab.regimes.base import REGIMES, Regime, RegimeContext
 
 
@@ -21,7 +21,8 @@ class OffPolicy(Regime):
 
     Micro-batch `k = step * grad_accum + m` takes the next `batch_size * world_size` examples of
     the global order; process `rank` takes its slice. Any step's batch can be rebuilt from the
-    step number alone, which is what makes resuming exact.
+    step number alone, which is what makes resuming exact. Generating regimes build on this: they
+    take the same examples' prompts and replace the completions.
     """
 
     def __init__(self, context: RegimeContext) -> None:
@@ -30,7 +31,7 @@ class OffPolicy(Regime):
 
     def _indices(self, slot: int) -> list[int]:
         c = self.context
-        n = len(c.dataset)
+        n = len(self.train_set)
         per_slot = c.batch_size * c.world_size
         start = slot * per_slot + c.rank * c.batch_size
         out = []
@@ -44,13 +45,18 @@ class OffPolicy(Regime):
         if epoch not in self._orders:
             if len(self._orders) >= 2:
                 self._orders.pop(min(self._orders))
-            self._orders[epoch] = global_order(len(self.context.dataset), self.context.seed, epoch)
+            self._orders[epoch] = global_order(len(self.train_set), self.context.seed, epoch)
         return self._orders[epoch]
 
+    @property
+    def train_set(self) -> list[Encoded] | tuple[Encoded, ...]:
+        """The examples batches are drawn from (a regime may replace the dataset's)."""
+        return self.context.dataset  # type: ignore[return-value]
+
+    def examples(self, step: int, micro: int) -> list[Encoded]:
+        """The dataset examples of micro-batch `micro` of step `step` on this process."""
+        slot = step * self.context.grad_accum + micro
+        return [self.train_set[i] for i in self._indices(slot)]
+
     def micro_batches(self, step: int) -> list[dict[str, Tensor]]:
-        c = self.context
-        batches = []
-        for m in range(c.grad_accum):
-            idx = self._indices(step * c.grad_accum + m)
-            batches.append(collate([c.dataset[i] for i in idx], c.pad_id))
-        return batches
+        return [self.collate(self.examples(step, m)) for m in range(self.context.grad_accum)]

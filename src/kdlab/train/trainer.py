@@ -244,7 +244,8 @@ class Trainer:
                 step += 1
                 terms = {k[5:]: v for k, v in record.items() if k.startswith("loss/")}
                 self.loss_fn.on_step(step, self.spec.max_steps, record["loss"], terms)
-                record = {"step": step, **record, **self.loss_fn.log_values()}
+                regime_values = {f"regime/{k}": v for k, v in self.regime.after_step(step).items()}
+                record = {"step": step, **record, **self.loss_fn.log_values(), **regime_values}
                 record["elapsed_s"] = round(time.perf_counter() - began, 3)
                 self._emit(record, bar)
                 last = record["loss"]
@@ -287,6 +288,7 @@ class Trainer:
                 loss_fn=self.loss_fn,
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
+                extra={"regime": self.regime.state_dict()},
             )
             self._write_state(step, finished=False)
         self.accelerator.wait_for_everyone()
@@ -303,6 +305,7 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
         )
+        self.regime.load_state_dict(state.get("regime") or {})
         logger.info("resumed from %s (step %d)", path, state["step"])
         return int(state["step"])
 
