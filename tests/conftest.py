@@ -60,9 +60,16 @@ CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 def run_example_config(
-    config: Path, teacher: Path, out: Path, max_steps: int = 2
+    config: Path,
+    teacher: Path,
+    out: Path,
+    max_steps: int = 2,
+    extra: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run an example config through `kdlab distill` with a tiny teacher, chunked; its metrics."""
+    """Run an example config through `kdlab distill` with a tiny teacher, chunked; its metrics.
+
+    `extra` adds `--set` overrides (e.g. a regime's option that would make the run long).
+    """
     import json
 
     from kdlab.cli import main
@@ -78,6 +85,7 @@ def run_example_config(
         "train.progress": "false",
         "eval.enabled": "false",
         "output_dir": str(out),
+        **(extra or {}),
     }
     args = [item for k, v in overrides.items() for item in ("--set", f"{k}={v}")]
     assert main(["distill", str(config), *args]) == 0

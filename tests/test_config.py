@@ -15,6 +15,21 @@ def test_defaults_and_loss_hparams_beside_name() -> None:
     assert config.train.max_steps == 100
 
 
+def test_regime_options_and_generation_beside_name() -> None:
+    raw = {"regime": {"name": "on_policy", "lmbda": 0.25, "generation": {"temperature": 0}}}
+    config = from_dict(raw)
+    assert config.regime.name == "on_policy"
+    assert config.regime.options == {"lmbda": 0.25}
+    assert config.regime.generation.temperature == 0.0
+    assert config.regime.generation.max_new_tokens == 64  # untouched defaults stay
+    written = config.to_dict()["regime"]
+    assert written["name"] == "on_policy" and written["lmbda"] == 0.25
+    assert from_dict({"regime": written}) == config  # config.yaml reads back to the same run
+    override = apply_overrides(raw, ["regime.lmbda=0.75", "regime.generation.top_p=0.9"])
+    assert from_dict(override).regime.options == {"lmbda": 0.75}
+    assert from_dict(override).regime.generation.top_p == pytest.approx(0.9)
+
+
 def test_overrides_parse_yaml_scalars_and_do_not_mutate() -> None:
     raw = {"train": {"max_steps": 5}}
     out = apply_overrides(raw, ["train.max_steps=3", "loss.name=rkl", "train.lr=1e-3"])
@@ -34,6 +49,12 @@ def test_overrides_parse_yaml_scalars_and_do_not_mutate() -> None:
         ({"loss": {"name": "nope"}}, ["unknown loss 'nope'", "fkl", "jsd", "akl"]),
         ({"loss": {"name": "jsd", "gamma": 1}}, ["gamma", "beta", "temperature"]),
         ({"regime": {"name": "nope"}}, ["unknown regime", "off_policy"]),
+        ({"regime": {"name": "on_policy", "lamda": 1}}, ["regime.lamda", "lmbda"]),
+        ({"regime": {"name": "on_policy", "lmbda": 1.5}}, ["regime", "lmbda", "[0, 1]"]),
+        ({"regime": {"name": "off_policy", "lmbda": 0.5}}, ["regime.lmbda"]),
+        ({"regime": {"generation": {"top_p": 0}}}, ["regime.generation", "top_p", "(0, 1]"]),
+        ({"regime": {"generation": {"temprature": 1}}}, ["temprature", "temperature"]),
+        ({"regime": {"generation": {"backend": "tgi"}}}, ["backend", "vllm", "'tgi'"]),
         ({"train": {"report_to": ["mlflow"]}}, ["mlflow", "wandb", "tensorboard"]),
     ],
 )

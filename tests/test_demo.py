@@ -25,3 +25,14 @@ def test_quick_demo(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     # the teacher is clearly ahead of the SFT-only student: the point of the demo
     sft = results["students"]["ce"][0]["accuracy"]
     assert results["teacher"]["accuracy"] > sft + 0.1
+
+
+def test_every_full_demo_method_is_a_valid_config(tmp_path: Path) -> None:
+    from kdlab.demo import FULL, parse_method, student_config
+
+    assert "warmup_distill+fkl" in FULL.methods and "on_policy+jsd" in FULL.methods
+    for method in FULL.methods:
+        config = student_config(FULL, method, 0, tmp_path, "some/teacher")
+        regime, loss = parse_method(method)
+        assert (config.regime.name, config.loss.name) == (regime, loss)
+        assert config.output_dir.endswith(f"{method}-seed0")

@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="JSON file for the metrics")
 
     sub.add_parser("losses", help="registered losses, their hyperparameters and papers")
+    sub.add_parser("regimes", help="registered regimes (where training sequences come from)")
     return parser
 
 
@@ -142,11 +143,27 @@ def _cmd_losses(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_regimes(args: argparse.Namespace) -> int:
+    from kdlab.regimes import REGIMES, describe_options
+
+    for name in REGIMES.names():
+        regime = REGIMES.get(name)
+        summary = (regime.__doc__ or "").strip().splitlines()[0]
+        teacher = "  [needs the teacher model]" if regime.needs_teacher_model else ""
+        print(f"{name:15s} {summary}{teacher}")
+        for option, default, text in describe_options(regime.Options):
+            print(f"{'':15s}   {option}={default!r}: {text}")
+    print("\nAll generating regimes share regime.generation (see `kdlab distill --help-config`).")
+    print("Details: docs/regimes/<name>.md; examples: configs/regimes/<name>.yaml")
+    return 0
+
+
 _COMMANDS = {
     "demo": _cmd_demo,
     "distill": _cmd_distill,
     "eval": _cmd_eval,
     "losses": _cmd_losses,
+    "regimes": _cmd_regimes,
 }
 
 if __name__ == "__main__":

@@ -44,7 +44,19 @@ class DemoPlan:
 FULL = DemoPlan(
     name="full",
     teacher_recipe="standard",
-    methods=("ce", "fkl", "rkl", "jsd", "skl", "akl", "atkd", "rlkd", "taid"),
+    methods=(
+        "ce",
+        "fkl",
+        "rkl",
+        "jsd",
+        "skl",
+        "akl",
+        "atkd",
+        "rlkd",
+        "taid",
+        "warmup_distill+fkl",
+        "on_policy+jsd",
+    ),
     seeds=3,
     student={"model": "preset:small"},
     train={"max_steps": 450, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20},
@@ -71,13 +83,33 @@ LEADERBOARD_METRICS = (
 )
 
 
+# Regime settings of the demo's `regime+loss` methods. Arith answers are at most 4 tokens + eos;
+# the warm-up is a short cross-entropy phase on the revised answers before the 450 KD steps.
+DEMO_GENERATION = {"max_new_tokens": 8, "temperature": 1.0}
+DEMO_REGIME_OPTIONS: dict[str, dict[str, Any]] = {
+    "warmup_distill": {"warm_steps": 100},
+    "on_policy": {"lmbda": 0.5},
+}
+
+
+def parse_method(method: str) -> tuple[str, str]:
+    """`"on_policy+jsd"` -> (`on_policy`, `jsd`); a bare loss name runs off-policy."""
+    regime, _, loss = method.rpartition("+")
+    return regime or "off_policy", loss
+
+
 def student_config(plan: DemoPlan, method: str, seed: int, out: Path, teacher: str) -> RunConfig:
+    regime, loss = parse_method(method)
+    regime_section: dict[str, Any] = {"name": regime}
+    if regime != "off_policy":
+        regime_section.update(DEMO_REGIME_OPTIONS.get(regime, {}), generation=DEMO_GENERATION)
     return from_dict(
         {
             "teacher": {"model": teacher},
             "student": {**plan.student, "seed": seed},
             "data": plan.data,
-            "loss": {"name": method},
+            "loss": {"name": loss},
+            "regime": regime_section,
             "train": {**plan.train, "seed": seed, "log_every": plan.train["max_steps"]},
             "eval": {"num_examples": plan.eval_examples, "batch_size": 100},
             "output_dir": str(out / f"runs-{plan.name}" / f"{method}-seed{seed}"),
