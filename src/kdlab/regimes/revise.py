@@ -171,6 +171,7 @@ class RevisionStats:
 class Revised:
     completions: list[list[int]]
     revisions: list[int]  # tokens replaced per sequence
+    checked: list[int]  # tokens the teacher scored per sequence, summed over rounds
     stats: RevisionStats
 
 
@@ -214,6 +215,7 @@ def revise(
     comps = [list(c) for c in completions]
     starts = [0] * len(comps)
     revisions = [0] * len(comps)
+    checked = [0] * len(comps)
     stats = RevisionStats(sequences=len(comps))
     open_rows = [i for i, c in enumerate(comps) if c]
     for r in range(rounds):
@@ -230,7 +232,7 @@ def revise(
         )
         revised_rows = []
         for i, sc in zip(open_rows, scores, strict=True):
-            stats.tokens_checked += len(comps[i]) - starts[i]
+            checked[i] += len(comps[i]) - starts[i]
             choice = choose(sc, comps[i], starts[i])
             if choice is None:
                 continue
@@ -242,10 +244,11 @@ def revise(
         stats.tokens_revised += len(revised_rows)
         _regenerate(student, prompts, comps, revised_rows, eos, pad_id, sampling, seed + r)
         open_rows = [i for i in revised_rows if starts[i] < len(comps[i])]
+    stats.tokens_checked = sum(checked)
     stats.sequences_changed = sum(
         new != list(old) for new, old in zip(comps, completions, strict=True)
     )
-    return Revised(comps, revisions, stats)
+    return Revised(comps, revisions, checked, stats)
 
 
 def _regenerate(
