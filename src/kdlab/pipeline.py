@@ -223,8 +223,16 @@ def run_distill(
 
 def build_regime(config: RunConfig, loaded: Loaded, accelerator: Any, out: Path) -> Regime:
     """The configured regime, given the run's data, models and folder."""
+    regime_cls = REGIMES.get(config.regime.name)
+    if config.regime.generation.backend == "vllm" and not regime_cls.supports_vllm:
+        logger.warning(
+            "regime %r samples from the student being trained, whose weights change every step; "
+            "it generates with transformers, not vLLM (regime.generation.backend=vllm is used by "
+            "seq_kd's fixed teacher)",
+            config.regime.name,
+        )
     try:
-        return REGIMES.get(config.regime.name)(
+        return regime_cls(
             RegimeContext(
                 dataset=loaded.train,
                 pad_id=loaded.tokenizer.pad_token_id,

@@ -75,6 +75,26 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
             m.train(training)
 
 
+@contextmanager
+def plain_generation_config(model: nn.Module) -> Iterator[None]:
+    """Hide the model's own `generation_config` for the block.
+
+    transformers fills every setting a `GenerationConfig` leaves unset from the model's
+    `generation_config`; a hub model's repetition penalty, n-gram ban or `min_new_tokens` would then
+    change kdlab's samples, which must come from the model's plain distribution.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    holders = [m for m in dict.fromkeys([model, base]) if hasattr(m, "generation_config")]
+    saved = [m.generation_config for m in holders]
+    for m in holders:
+        m.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for m, config in zip(holders, saved, strict=True):
+            m.generation_config = config
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """`input_ids`, `attention_mask` `[b, T]`, each row right-aligned after `pad_id` padding."""
     length = max(len(r) for r in rows)
@@ -163,7 +183,12 @@ def generate(
     out: list[list[int]] = [[] for _ in prompts]
     bar = tqdm(total=len(prompts), desc=desc, unit="seq", disable=not progress, leave=False)
     devices = [device] if device.type == "cuda" else []
-    with eval_mode(model), torch.inference_mode(), torch.random.fork_rng(devices=devices):
+    with (
+        eval_mode(model),
+        plain_generation_config(model),
+        torch.inference_mode(),
+        torch.random.fork_rng(devices=devices),
+    ):
         torch.manual_seed(seed)
         for start in range(0, len(order), sampling.batch_size):
             rows = order[start : start + sampling.batch_size]

@@ -1,11 +1,12 @@
 """SCRG: sequence correction and re-generation of the student's samples.
 
-From "Bridging the Gap Between Teacher and Student: Span-Level and Sequence-Correction KD"
-(arXiv 2407.10068; see docs/regimes/scrg.md for what the paper leaves open). The student samples
-a completion; among positions where its token differs from the teacher's argmax, the one with the
-largest token-level KL(teacher || student) gets the teacher's token; the student regenerates
-from that corrected prefix. `corrections` rounds per sequence (default 1); training uses the
-result. With `lmbda < 1` the other steps use the dataset's completions, as `on_policy`.
+From Liu et al., "Multi-Granularity Semantic Revision for Large Language Model Distillation"
+(arXiv 2407.10068; docs/regimes/scrg.md says what kdlab chose where the paper is not at hand).
+The student samples a completion; among positions where its token differs from the teacher's
+argmax, the one with the largest token-level KL(teacher || student) gets the teacher's token; the
+student regenerates from that corrected prefix. `corrections` rounds per sequence (default 1);
+training uses the result. With `lmbda < 1` the other steps use the dataset's completions, as
+`on_policy`.
 """
 
 from __future__ import annotations

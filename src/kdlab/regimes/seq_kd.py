@@ -105,6 +105,7 @@ class SeqKD(OffPolicy):
 
     Options = SeqKDOptions
     needs_teacher_model = True
+    supports_vllm = True
 
     def __init__(self, context: RegimeContext) -> None:
         super().__init__(context)
