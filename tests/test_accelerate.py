@@ -21,22 +21,8 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path: Path, tiny_teacher: Path) -> None:
-    """2 processes x batch 4 see the same global batch as 1 process x batch 8: same losses.
-
-    The two-process run also uses the chunked loss (lm_head gradients through DDP), the
-    one-process run the plain logits path.
-    """
-    common = {"eval": {"enabled": False}}
-    two = write_config(
-        tmp_path / "two.yaml",
-        tiny_teacher,
-        # the chunked loss under DDP must match the plain loss of one process
-        train={"batch_size": 4, "max_steps": 3, "progress": False, "chunked": True},
-        output_dir=str(tmp_path / "two"),
-        **common,
-    )
+def _launch_two(config: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 -m kdlab distill CONFIG` on CPU."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
         sys.executable,
@@ -54,9 +40,28 @@ def test_two_processes_match_one(tmp_path: Path, tiny_teacher: Path) -> None:
         "-m",
         "kdlab",
         "distill",
-        str(two),
+        str(config),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path: Path, tiny_teacher: Path) -> None:
+    """2 processes x batch 4 see the same global batch as 1 process x batch 8: same losses.
+
+    The two-process run also uses the chunked loss (lm_head gradients through DDP), the
+    one-process run the plain logits path.
+    """
+    common = {"eval": {"enabled": False}}
+    two = write_config(
+        tmp_path / "two.yaml",
+        tiny_teacher,
+        # the chunked loss under DDP must match the plain loss of one process
+        train={"batch_size": 4, "max_steps": 3, "progress": False, "chunked": True},
+        output_dir=str(tmp_path / "two"),
+        **common,
+    )
+    proc = _launch_two(two)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "two" / "student" / "config.json").is_file()
     one = write_config(
@@ -71,3 +76,27 @@ def test_two_processes_match_one(tmp_path: Path, tiny_teacher: Path) -> None:
 
     run_distill(load_config(one))
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_generating_regime_keeps_each_process_state(tmp_path: Path, tiny_teacher: Path) -> None:
+    """`adaptive` under two processes: the student samples on every process (generation under
+    DDP), each process fills its own replay buffer, and the checkpoint keeps both buffers."""
+    config = write_config(
+        tmp_path / "adaptive.yaml",
+        tiny_teacher,
+        regime={"name": "adaptive", "init_threshold": 1.0, "generation": {"max_new_tokens": 5}},
+        train={"batch_size": 4, "max_steps": 2, "progress": False},
+        eval={"enabled": False, "num_examples": 8},
+        output_dir=str(tmp_path / "run"),
+    )
+    proc = _launch_two(config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").iterdir()
+    states = json.loads((checkpoint / "trainer_state.json").read_text())["regime"]
+    assert len(states) == 2  # one state per process
+    buffers = [state["buffer"] for state in states]
+    assert all(len(b) == 2 * 4 for b in buffers)  # two fresh steps of 4 samples each
+    assert buffers[0] != buffers[1]  # each process sampled for its own prompts
+    records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["regime/source"] for r in records] == [1.0, 1.0]  # fresh samples

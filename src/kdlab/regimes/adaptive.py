@@ -32,9 +32,9 @@ Open choices and their defaults:
   forward-only pass while keeping the measurement stable enough for a 0.1-nat rule.
 - The buffer keeps token ids, counted flags and prompt lengths; `state_dict` saves φ, prev and the
   buffer (JSON), so a resumed run continues exactly. Under several processes each process keeps
-  its own buffer (its own samples) but only the main process's state is checkpointed: on resume
-  every process restores the main process's buffer. Replay draws are seeded per process, so the
-  processes still train on different subsets of it.
+  its own buffer (its own samples); the trainer gathers every process's state into the
+  checkpoint and gives each process its own back on resume (the first process's when the number
+  of processes changed). Replay draws are seeded per process.
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ class Regime(ABC):
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able state saved in checkpoints (e.g. a replay buffer)."""
+        """JSON-able state saved in checkpoints (e.g. a replay buffer); each process's own."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027

@@ -280,6 +280,8 @@ class Trainer:
 
     def _checkpoint(self, step: int) -> None:
         self.accelerator.wait_for_everyone()
+        # every process's regime state (e.g. its own replay buffer), gathered to the main process
+        regime_states = self._gather_regime_states()
         if self.accelerator.is_main_process:
             save_checkpoint(
                 self.output_dir,
@@ -288,7 +290,7 @@ class Trainer:
                 loss_fn=self.loss_fn,
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
-                extra={"regime": self.regime.state_dict()},
+                extra={"regime": regime_states},
             )
             self._write_state(step, finished=False)
         self.accelerator.wait_for_everyone()
@@ -305,9 +307,34 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
         )
-        self.regime.load_state_dict(state.get("regime") or {})
+        self.regime.load_state_dict(self._own_regime_state(state.get("regime")))
         logger.info("resumed from %s (step %d)", path, state["step"])
         return int(state["step"])
+
+    def _gather_regime_states(self) -> list[dict]:
+        state = self.regime.state_dict()
+        if self.accelerator.num_processes == 1:
+            return [state]
+        from accelerate.utils import gather_object
+
+        return list(gather_object([state]))
+
+    def _own_regime_state(self, saved: list[dict] | dict | None) -> dict:
+        """This process's regime state from a checkpoint (rank 0's if the process count changed)."""
+        if not saved:
+            return {}
+        if isinstance(saved, dict):  # checkpoints written before per-process states
+            return saved
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        if len(saved) != world:
+            logger.warning(
+                "the checkpoint holds regime state for %d processes, this run has %d; every "
+                "process continues from the first process's state",
+                len(saved),
+                world,
+            )
+            return saved[0]
+        return saved[rank]
 
     def _write_state(self, step: int, *, finished: bool) -> None:
         if self.accelerator.is_main_process:
