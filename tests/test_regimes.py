@@ -32,3 +32,15 @@ def test_ranks_split_the_global_batch() -> None:
         return _ids(REGIMES.get("off_policy")(ctx), 4)
 
     assert ids(0, 2, 2) + ids(1, 2, 2) == ids(0, 1, 4)
+
+
+def test_each_process_resumes_from_its_own_regime_state(caplog) -> None:  # noqa: ANN001
+    from kdlab.train.trainer import own_regime_state
+
+    saved = [{"buffer": [0]}, {"buffer": [1]}]
+    assert own_regime_state(saved, rank=1, world_size=2) == {"buffer": [1]}
+    assert own_regime_state(saved, rank=0, world_size=2) == {"buffer": [0]}
+    assert own_regime_state(saved, rank=0, world_size=1) == {"buffer": [0]}  # fewer processes
+    assert "2 processes, this run has 1" in caplog.text
+    assert own_regime_state({"buffer": [7]}, rank=1, world_size=2) == {"buffer": [7]}  # old format
+    assert own_regime_state(None, rank=0, world_size=1) == {}

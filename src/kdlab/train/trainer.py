@@ -33,6 +33,28 @@ STATE_FILE = "train_state.json"
 CHUNKED_AUTO_VOCAB = 16384
 
 
+def own_regime_state(saved: list[dict] | dict | None, rank: int, world_size: int) -> dict:
+    """This process's regime state in a checkpoint's per-process list.
+
+    When the number of processes changed since the checkpoint, every process continues from the
+    first process's state (with a warning); a single dict is a checkpoint written before states
+    were kept per process.
+    """
+    if not saved:
+        return {}
+    if isinstance(saved, dict):
+        return saved
+    if len(saved) != world_size:
+        logger.warning(
+            "the checkpoint holds regime state for %d processes, this run has %d; every process "
+            "continues from the first process's state",
+            len(saved),
+            world_size,
+        )
+        return saved[0]
+    return saved[rank]
+
+
 class RunInterrupted(RuntimeError):
     """Training stopped before `max_steps`; the last finished step is checkpointed."""
 
@@ -307,7 +329,11 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
         )
-        self.regime.load_state_dict(self._own_regime_state(state.get("regime")))
+        self.regime.load_state_dict(
+            own_regime_state(
+                state.get("regime"), self.accelerator.process_index, self.accelerator.num_processes
+            )
+        )
         logger.info("resumed from %s (step %d)", path, state["step"])
         return int(state["step"])
 
@@ -318,23 +344,6 @@ class Trainer:
         from accelerate.utils import gather_object
 
         return list(gather_object([state]))
-
-    def _own_regime_state(self, saved: list[dict] | dict | None) -> dict:
-        """This process's regime state from a checkpoint (rank 0's if the process count changed)."""
-        if not saved:
-            return {}
-        if isinstance(saved, dict):  # checkpoints written before per-process states
-            return saved
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        if len(saved) != world:
-            logger.warning(
-                "the checkpoint holds regime state for %d processes, this run has %d; every "
-                "process continues from the first process's state",
-                len(saved),
-                world,
-            )
-            return saved[0]
-        return saved[rank]
 
     def _write_state(self, step: int, *, finished: bool) -> None:
         if self.accelerator.is_main_process:
