@@ -105,8 +105,8 @@ def score_completions(
         for start in range(0, len(prompts), batch_size):
             rows = range(start, min(start + batch_size, len(prompts)))
             sequences = [[*prompts[i], *completions[i]] for i in rows]
-            s_logits = _next_token_logits(student, sequences, pad_id, vocab)  # [b, T, V]
-            t_logits = _next_token_logits(teacher, sequences, pad_id, vocab)
+            t_logits = _next_token_logits(teacher, sequences, pad_id, vocab)  # [b, T, V]
+            s_logits = _next_token_logits(student, sequences, pad_id, vocab).to(t_logits.device)
             for b, i in enumerate(rows):
                 first = len(prompts[i]) - 1  # position predicting the first completion token
                 span = slice(first, first + len(completions[i]))
@@ -125,20 +125,20 @@ def _next_token_logits(
         ids[b, : len(seq)] = torch.tensor(seq)
         mask[b, : len(seq)] = 1
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    logits = logits if vocab is None else logits[..., :vocab]
-    return logits.float().cpu()
+    return logits if vocab is None else logits[..., :vocab]  # stays on the model's device
 
 
 def _scores(student_logits: Tensor, teacher_logits: Tensor, tokens: Sequence[int]) -> TokenScores:
-    s_logp = F.log_softmax(student_logits, dim=-1)  # [L, V]
-    t_logp = F.log_softmax(teacher_logits, dim=-1)
-    index = torch.tensor(list(tokens)).unsqueeze(-1)
+    """Per-token scores of one completion; only the `[L]` results leave the device."""
+    s_logp = F.log_softmax(student_logits.float(), dim=-1)  # [L, V]
+    t_logp = F.log_softmax(teacher_logits.float(), dim=-1)
+    index = torch.tensor(list(tokens), device=t_logp.device).unsqueeze(-1)
     kl = torch.where(t_logp.isfinite(), t_logp.exp() * (t_logp - s_logp), 0.0).sum(-1)
     return TokenScores(
-        teacher_logp=t_logp.gather(-1, index).squeeze(-1),
-        teacher_argmax=t_logp.argmax(-1),
-        student_logp=s_logp.gather(-1, index).squeeze(-1),
-        kl=kl,
+        teacher_logp=t_logp.gather(-1, index).squeeze(-1).cpu(),
+        teacher_argmax=t_logp.argmax(-1).cpu(),
+        student_logp=s_logp.gather(-1, index).squeeze(-1).cpu(),
+        kl=kl.cpu(),
     )
 
 
