@@ -36,6 +36,19 @@ def _parser() -> argparse.ArgumentParser:
         "--help-config", action="store_true", help="list every config field and exit"
     )
 
+    cache = sub.add_parser(
+        "cache-teacher", help="run the teacher once over the data and write an offline cache"
+    )
+    cache.add_argument("config", help="YAML config with teacher.model, data and a cache section")
+    cache.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set cache.k=32 (repeatable)",
+    )
+
     ev = sub.add_parser("eval", help="accuracy / perplexity / fidelity of a saved model")
     ev.add_argument("--model", required=True, help="model path or hub id")
     ev.add_argument("--teacher", default=None, help="teacher path or hub id (for fidelity)")
@@ -59,14 +72,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kdlab.config import ConfigError
     from kdlab.data.datasets import DataError
     from kdlab.models.loading import ModelError
+    from kdlab.teachers.cache import CacheError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, DataError, ModelError) as err:
+    except (ConfigError, DataError, ModelError, CacheError) as err:
         print(f"kdlab: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("kdlab: interrupted; finished steps are checkpointed (use --resume)", file=sys.stderr)
+        if args.command == "cache-teacher":
+            print("kdlab: interrupted; run the same command again to finish", file=sys.stderr)
+        else:
+            print("kdlab: interrupted; finished steps are checkpointed (--resume)", file=sys.stderr)
         return 130
 
 
@@ -106,6 +123,21 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from kdlab.config import load_config
+    from kdlab.pipeline import run_cache_teacher
+
+    config = load_config(args.config, args.overrides)
+    meta = run_cache_teacher(config)
+    print(
+        f"teacher cache: {meta['num_positions']} positions, k={meta['k']} ({meta['mode']}), "
+        f"{meta['bytes_per_position']} bytes per position ({meta['bytes_per_entry']:.2f} per "
+        f"entry), log-probabilities within {meta['max_log_error']:.3f} nats"
+    )
+    print(f"train from it with: teacher: {{cache: {config.cache.path}}}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -135,6 +167,8 @@ def _cmd_losses(args: argparse.Namespace) -> int:
         info = loss_info(name)
         hps = ", ".join(f"{k}={v!r}" for k, v in info["hparams"].items()) or "-"
         needs = [w for w, on in (("labels", info["needs_labels"]),) if on]
+        if info["needs_teacher"]:
+            needs.append("cache: yes" if info["sparse"] else "cache: no")
         if info["coupling"] != "position":
             needs.append(f"couples positions: {info['coupling']}")
         print(f"{name:8s} {hps}" + (f"  [{'; '.join(needs)}]" if needs else ""))
@@ -159,6 +193,7 @@ def _cmd_regimes(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {
+    "cache-teacher": _cmd_cache_teacher,
     "demo": _cmd_demo,
     "distill": _cmd_distill,
     "eval": _cmd_eval,

@@ -48,6 +48,50 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class TeacherSpec(ModelSpec):
+    model: str | None = _help(
+        "hub id, local path, or built-in preset of the teacher model (or use `cache`)", None
+    )
+    cache: str | None = _help(
+        "folder of an offline teacher cache (`kdlab cache-teacher`): train from it with no "
+        "teacher in memory",
+        None,
+    )
+    k: int | None = _help("with `cache`: the top-k the run expects the cache to hold", None)
+    verify: bool = _help("with `cache`: check every shard's checksum before training", True)
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.cache is None):
+            raise ValueError(
+                "set exactly one of teacher.model (a model in memory) and teacher.cache (an "
+                "offline cache written by `kdlab cache-teacher`)"
+            )
+        if self.k is not None and self.cache is None:
+            raise ValueError("teacher.k only applies to a cached teacher (teacher.cache)")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    path: str = _help("folder the cache is written to (resumed when it holds a partial cache)")
+    k: int = _help("token entries kept per position (at most the vocabulary size)", 64)
+    mode: Literal["top_k", "sample"] = _help(
+        "`top_k`: the teacher's k most likely tokens + the tail mass; `sample`: k tokens drawn "
+        "from the teacher, importance-weighted (random-sampling KD, unbiased)",
+        "top_k",
+    )
+    value_bits: Literal["auto"] | int = _help(
+        "bits per stored log-probability, 2..8 (auto: the most that keep <= 2.5 bytes per entry)",
+        "auto",
+    )
+    log_floor: float = _help(
+        "log-probabilities below -log_floor are stored as -log_floor (probability < e^-16)", 16.0
+    )
+    shard_examples: int = _help("examples per shard file (a killed run redoes one shard)", 2048)
+    batch_size: int = _help("examples per teacher forward pass", 16)
+    seed: int = _help("seed of the sampling mode's draws", 0)
+
+
+@dataclass(frozen=True)
 class DataSpec:
     dataset: str = _help(
         "`task:arith`, `task:oracle`, a local .jsonl/.json/.parquet/.csv file, or a hub id",
@@ -143,7 +187,9 @@ class EvalSpec:
 
 @dataclass(frozen=True)
 class RunConfig:
-    teacher: ModelSpec | None = _help("the teacher (omit for losses that need none, e.g. ce)", None)
+    teacher: TeacherSpec | None = _help(
+        "the teacher: a model or an offline cache (omit for losses that need none, e.g. ce)", None
+    )
     student: ModelSpec = _help(
         "the student", default_factory=lambda: ModelSpec(model="preset:small")
     )
@@ -153,6 +199,7 @@ class RunConfig:
     train: TrainSpec = _help("optimisation", default_factory=TrainSpec)
     eval: EvalSpec = _help("evaluation after training", default_factory=EvalSpec)
     output_dir: str = _help("run folder", "runs/kdlab")
+    cache: CacheSpec | None = _help("what `kdlab cache-teacher` writes (ignored by distill)", None)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as written to `config.yaml` (loss hyperparameters beside `name`)."""
@@ -185,6 +232,12 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "data.num_examples": (1, None),
     "eval.num_examples": (1, None),
     "eval.batch_size": (1, None),
+    "teacher.k": (1, None),
+    "cache.k": (1, None),
+    "cache.value_bits": (2, 8),
+    "cache.log_floor": (0.5, None),
+    "cache.shard_examples": (1, None),
+    "cache.batch_size": (1, None),
 }
 
 
@@ -203,11 +256,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`; return it (ints widen to floats)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
+        errors = {}
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, where)
-            except ConfigError:
-                continue
+            except ConfigError as err:
+                errors[arg] = err
+        sections = [a for a in errors if dataclasses.is_dataclass(a)]
+        if sections and isinstance(value, dict):  # a section's own error says more
+            raise errors[sections[0]]
     elif origin is Literal:
         if value in typing.get_args(tp) and type(value) is type(
             next(a for a in typing.get_args(tp) if a == value)
@@ -271,8 +328,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 
 def _check_range(path: str, value: Any) -> None:
-    if path not in _RANGES or value is None:
-        return
+    if path not in _RANGES or isinstance(value, (str, bool)) or value is None:
+        return  # e.g. `value_bits: auto`
     low, high = _RANGES[path]
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
@@ -338,7 +395,28 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
             )
     _validate_loss(config.loss)
     _validate_regime(config.regime)
+    if config.teacher is not None and config.teacher.cache is not None:
+        _validate_cached_teacher(config)
     return config
+
+
+def _validate_cached_teacher(config: RunConfig) -> None:
+    """A cached teacher holds the dataset's sequences, top-k only: refuse what cannot use it."""
+    from kdlab.losses import build_loss
+    from kdlab.regimes import REGIMES
+
+    regime = REGIMES.get(config.regime.name)
+    if not regime.trains_on_dataset:
+        raise ConfigError(
+            f"config error at regime.name: regime {config.regime.name!r} trains on sequences "
+            "that are not in the dataset, which a teacher cache cannot score; use "
+            "regime.name=off_policy with teacher.cache, or teacher.model"
+        )
+    if config.train.kd_weight > 0:
+        try:
+            build_loss(config.loss.name, **config.loss.hparams).check_sparse()
+        except ValueError as err:
+            raise ConfigError(f"config error at loss: {err}") from err
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -5,6 +5,10 @@
    set; `ce` is the SFT-only baseline (no teacher).
 3. Every student and the teacher are evaluated; a leaderboard (mean ± std over seeds) and
    `report.md` with plots are written to `--out`.
+
+A method `<loss>@cache` trains from an offline teacher cache (top-`DEMO_CACHE_K` of the 21-token
+vocabulary, written once into `--out/teacher-cache`) instead of the teacher in memory; its
+fidelity metrics are measured against the teacher model after training.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ FULL = DemoPlan(
         "taid",
         "warmup_distill+fkl",
         "on_policy+jsd",
+        "fkl@cache",
     ),
     seeds=3,
     student={"model": "preset:small"},
@@ -92,10 +97,26 @@ DEMO_REGIME_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+DEMO_CACHE_K = 8
+CACHE_SUFFIX = "@cache"
+
+
 def parse_method(method: str) -> tuple[str, str]:
     """`"on_policy+jsd"` -> (`on_policy`, `jsd`); a bare loss name runs off-policy."""
-    regime, _, loss = method.rpartition("+")
+    regime, _, loss = method.removesuffix(CACHE_SUFFIX).rpartition("+")
     return regime or "off_policy", loss
+
+
+def cache_config(plan: DemoPlan, out: Path, teacher: str) -> RunConfig:
+    """The demo's `kdlab cache-teacher` run: the training data, top-`DEMO_CACHE_K`."""
+    return from_dict(
+        {
+            "teacher": {"model": teacher},
+            "data": plan.data,
+            "cache": {"path": str(out / "teacher-cache"), "k": DEMO_CACHE_K},
+            "eval": {"num_examples": plan.eval_examples},
+        }
+    )
 
 
 def student_config(plan: DemoPlan, method: str, seed: int, out: Path, teacher: str) -> RunConfig:
@@ -103,9 +124,10 @@ def student_config(plan: DemoPlan, method: str, seed: int, out: Path, teacher: s
     regime_section: dict[str, Any] = {"name": regime}
     if regime != "off_policy":
         regime_section.update(DEMO_REGIME_OPTIONS.get(regime, {}), generation=DEMO_GENERATION)
+    cached = method.endswith(CACHE_SUFFIX)
     return from_dict(
         {
-            "teacher": {"model": teacher},
+            "teacher": {"cache": str(out / "teacher-cache")} if cached else {"model": teacher},
             "student": {**plan.student, "seed": seed},
             "data": plan.data,
             "loss": {"name": loss},
@@ -122,7 +144,7 @@ def run_demo(
 ) -> Path:
     """Run the demo; returns the path of `report.md`."""
     from kdlab.eval.evaluate import evaluate_saved
-    from kdlab.pipeline import run_distill
+    from kdlab.pipeline import run_cache_teacher, run_distill
     from kdlab.zoo import ensure_teacher
 
     plan = QUICK if quick else FULL
@@ -135,6 +157,8 @@ def run_demo(
         model=str(teacher), teacher=None, task="arith", num_examples=plan.eval_examples
     )
     logger.info("teacher accuracy %.3f", teacher_metrics["accuracy"])
+    if any(m.endswith(CACHE_SUFFIX) for m in plan.methods):
+        run_cache_teacher(cache_config(plan, out, str(teacher)))
     results: dict[str, list[dict[str, Any]]] = {}
     for method in plan.methods:
         for seed in range(n_seeds):
@@ -142,7 +166,10 @@ def run_demo(
             logger.info("student %s, seed %d", method, seed)
             # resume=True: a re-run of the demo reuses finished students, completes partial ones
             summary = run_distill(config, resume=True)
-            results.setdefault(method, []).append({"dir": config.output_dir, **summary.eval})
+            metrics = summary.eval
+            if method.endswith(CACHE_SUFFIX):
+                metrics = fidelity_after_cache(Path(config.output_dir), str(teacher), plan)
+            results.setdefault(method, []).append({"dir": config.output_dir, **metrics})
     elapsed = time.perf_counter() - began
     (out / "results.json").write_text(
         json.dumps({"teacher": teacher_metrics, "students": results}, indent=2)
@@ -151,6 +178,27 @@ def run_demo(
     print(leaderboard_text(teacher_metrics, results))
     print(f"\nreport: {report}")
     return report
+
+
+def fidelity_after_cache(run: Path, teacher: str, plan: DemoPlan) -> dict[str, Any]:
+    """A cached run has no teacher in memory: evaluate its saved student against the teacher.
+
+    The held-out problems are the run's own (`data.seed + 1`, the test split); the result is
+    kept in the run folder, so a re-run of the demo does not evaluate again.
+    """
+    from kdlab.eval.evaluate import evaluate_saved
+
+    path = run / "eval_with_teacher.json"
+    if not path.is_file():
+        metrics = evaluate_saved(
+            model=str(run / "student"),
+            teacher=teacher,
+            task="arith",
+            num_examples=plan.eval_examples,
+            batch_size=100,
+        )
+        path.write_text(json.dumps(metrics, indent=2))
+    return json.loads(path.read_text())
 
 
 def leaderboard_rows(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import torch
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdlab.config import ConfigError, ModelSpec, RunConfig, regime_options
+from kdlab.config import ConfigError, ModelSpec, RunConfig, TeacherSpec, regime_options
 from kdlab.data.collate import Encoded
 from kdlab.data.datasets import Splits, encode_dataset, load_splits, task_name
 from kdlab.losses import KDLoss, WeightedSum, build_loss
@@ -24,16 +25,19 @@ from kdlab.models.loading import (
     is_preset,
     load_model,
     load_tokenizer,
+    vocab_size,
 )
 from kdlab.regimes import REGIMES, Regime, RegimeContext
 from kdlab.regimes.base import REGIME_DIR
-from kdlab.teachers import OnlineTeacher
+from kdlab.teachers import OnlineTeacher, TeacherSource
+from kdlab.teachers.cache import TeacherCache
 from kdlab.train.checkpoint import latest_checkpoint
 from kdlab.train.trainer import STATE_FILE, Trainer
 
 logger = logging.getLogger("kdlab")
 
 TRAINED_TEACHER_PRESETS = {"teacher": "standard", "teacher-quick": "quick"}
+BUDGET_BYTES_PER_ENTRY = 2.5  # `cache.value_bits: auto` keeps a cache within this
 
 
 @dataclass
@@ -53,6 +57,17 @@ class Loaded:
     train: list[Encoded]
     eval_records: list[dict[str, Any]]
     eval_encoded: list[Encoded]
+    cache: TeacherCache | None = None
+
+    def teacher_source(self) -> TeacherSource | None:
+        """The teacher as the trainer sees it: a model in memory, a cache, or none."""
+        if self.teacher is not None:
+            return OnlineTeacher(self.teacher, vocab=self.vocab)
+        if self.cache is not None:
+            from kdlab.teachers.cached import CachedTeacher
+
+            return CachedTeacher(self.cache)
+        return None
 
 
 LOSS_STATE_FILE = "loss_state.safetensors"
@@ -96,6 +111,8 @@ def finished(out: Path) -> bool:
 
 def _resolve_preset(spec: ModelSpec, config: RunConfig) -> ModelSpec:
     """`preset:teacher` -> the cached trained teacher's folder (trained on first use)."""
+    if spec.model is None or not is_preset(spec):
+        return spec
     name = spec.model[len(PRESET_PREFIX) :]
     if name not in TRAINED_TEACHER_PRESETS:
         return spec
@@ -105,7 +122,7 @@ def _resolve_preset(spec: ModelSpec, config: RunConfig) -> ModelSpec:
     from kdlab.zoo import ensure_teacher
 
     path = ensure_teacher(task, config.data.task_args, TRAINED_TEACHER_PRESETS[name])
-    return ModelSpec(model=str(path), dtype=spec.dtype)
+    return TeacherSpec(model=str(path), dtype=spec.dtype)
 
 
 def _tokenizer_for(spec: ModelSpec, config: RunConfig) -> PreTrainedTokenizerBase:
@@ -134,11 +151,13 @@ def _model_for(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, role: str) -
 
 
 def load_everything(config: RunConfig) -> Loaded:
-    """Tokenizers, then data (all data errors surface here), then the models."""
+    """Tokenizers, then data (all data errors surface here), then the cache, then the models."""
     tokenizer = _tokenizer_for(config.student, config)
     splits: Splits = load_splits(config.data, config.eval.num_examples)
     train = encode_dataset(tokenizer, splits.train, config.data)
     eval_encoded = encode_dataset(tokenizer, splits.eval, config.data)
+    if config.teacher is not None and config.teacher.cache is not None:
+        return _load_with_cache(config, tokenizer, train, splits, eval_encoded)
     teacher_spec = None
     if config.teacher is not None:  # may train the built-in teacher: after the data checks
         teacher_spec = _resolve_preset(config.teacher, config)
@@ -149,6 +168,32 @@ def load_everything(config: RunConfig) -> Loaded:
         teacher = _model_for(teacher_spec, teacher_tokenizer, "teacher")
         vocab = check_vocabularies(teacher, teacher_tokenizer, student, tokenizer)
     return Loaded(tokenizer, student, teacher, vocab, train, splits.eval, eval_encoded)
+
+
+def _load_with_cache(
+    config: RunConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    train: list[Encoded],
+    splits: Splits,
+    eval_encoded: list[Encoded],
+) -> Loaded:
+    """Open and check the teacher cache (checksums, fit to the run), then load the student."""
+    from kdlab.teachers.cache import tokenizer_fingerprint
+    from kdlab.teachers.cached import check_cache_fits, check_cache_vocab
+
+    spec: TeacherSpec = config.teacher  # type: ignore[assignment]
+    cache = TeacherCache(spec.cache, verify=spec.verify)
+    check_cache_fits(
+        cache,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        dataset=train,
+        max_length=config.data.max_length,
+        k=spec.k,
+    )
+    student = _model_for(config.student, tokenizer, "student")
+    check_cache_vocab(cache, vocab_size(student))
+    vocab = cache.vocab if vocab_size(student) != cache.vocab else None
+    return Loaded(tokenizer, student, None, vocab, train, splits.eval, eval_encoded, cache)
 
 
 def run_distill(
@@ -191,10 +236,9 @@ def run_distill(
     loaded.student.to(accelerator.device)
     regime = build_regime(config, loaded, accelerator, out)
     regime.prepare(resume=resume)
-    teacher = OnlineTeacher(loaded.teacher, vocab=loaded.vocab) if loaded.teacher else None
     trainer = Trainer(
         student=loaded.student,
-        teacher=teacher,
+        teacher=loaded.teacher_source(),
         loss_fn=loss_fn,
         regime=regime,
         spec=config.train,
@@ -321,3 +365,74 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = str(v)
     return out
+
+
+def run_cache_teacher(config: RunConfig, *, stop_after_shards: int | None = None) -> dict[str, Any]:
+    """`kdlab cache-teacher`: run the teacher once over the training data, write the cache.
+
+    Returns the cache's `meta.json` content. Re-running with the same config finishes a partial
+    cache (finished shards are kept); a finished cache is reported as it is.
+    """
+    from kdlab.teachers.cache import META, CachePlan, dataset_fingerprint, write_cache
+    from kdlab.teachers.cache import tokenizer_fingerprint as fingerprint
+    from kdlab.teachers.codec import Codec, fitting_value_bits
+
+    spec, cache = config.teacher, config.cache
+    if cache is None:
+        raise ConfigError(
+            "config error: `kdlab cache-teacher` needs a `cache:` section (cache.path)"
+        )
+    if spec is None or spec.model is None:
+        raise ConfigError("config error at teacher.model: `kdlab cache-teacher` needs the teacher")
+    out = Path(cache.path)
+    if (out / META).is_file():
+        logger.info("%s already holds a finished teacher cache", out)
+        return json.loads((out / META).read_text())
+    tokenizer = _tokenizer_for(spec, config)
+    splits = load_splits(config.data, config.eval.num_examples)
+    train = encode_dataset(tokenizer, splits.train, config.data)
+    resolved = _resolve_preset(spec, config)
+    model = _model_for(resolved, _tokenizer_for(resolved, config), "teacher")
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    vocab = min(vocab_size(model), len(tokenizer))
+    k = min(cache.k, vocab)
+    if k < cache.k:
+        logger.warning("cache.k=%d is more than the %d-token vocabulary: storing all", cache.k, k)
+    bits = cache.value_bits
+    if bits == "auto":
+        bits = fitting_value_bits(vocab, k, BUDGET_BYTES_PER_ENTRY, cache.log_floor, trailing=2)
+    codec = Codec(vocab, k, int(bits), cache.log_floor, trailing=2)  # + label, tail
+    plan = CachePlan(
+        teacher=str(spec.model),
+        teacher_revision=spec.revision,
+        tokenizer=fingerprint(tokenizer),
+        dataset=dataset_fingerprint(train),
+        num_examples=len(train),
+        max_length=config.data.max_length,
+        vocab=vocab,
+        k=k,
+        mode=cache.mode,
+        seed=cache.seed,
+        shard_examples=cache.shard_examples,
+        codec=codec.to_dict(),
+        data=dataclasses.asdict(config.data),
+    )
+    logger.info(
+        "caching the teacher: %d examples, k=%d of %d tokens, %d bytes per position (%.2f per "
+        "entry), log-probabilities within %.3f nats",
+        len(train),
+        k,
+        vocab,
+        codec.bytes_per_position,
+        codec.bytes_per_position / k,
+        codec.max_log_error,
+    )
+    return write_cache(
+        model,
+        train,
+        plan,
+        out,
+        pad_id=tokenizer.pad_token_id,
+        batch_size=cache.batch_size,
+        stop_after_shards=stop_after_shards,
+    )

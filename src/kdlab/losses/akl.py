@@ -13,6 +13,7 @@ from kdlab.losses.base import register_loss
     "akl",
     paper="Rethinking Kullback-Leibler Divergence in Knowledge Distillation for Large Language "
     "Models (Wu et al., 2024)",
+    sparse_refusal=None,
 )
 def akl(
     student_logits: Tensor,

@@ -130,6 +130,7 @@ class ATKDLoss(KDLoss):
         "(Zhong et al., ACL 2024)"
     )
     needs_labels = True
+    sparse_refusal = None
     coupling = "batch"
     defaults = {"alpha": 0.2, "temperature": 1.0}
 

@@ -20,6 +20,11 @@ path (`kdlab.losses.chunked`) compute the same thing:
   (`batch_statistics`), summarises them over the counted positions (`summarise`) and receives the
   summary in `per_position_terms(..., summary=...)`; the chunked path runs a first pass over the
   teacher's chunks to collect the statistics, so the value is exact at any chunk size.
+
+A teacher may also be sparse (`SparseTeacher`: a few ids per position from an offline cache).
+A loss that works on bucketed distributions sets `sparse_refusal = None`; the base class then
+turns the call into `S + 2` buckets (`kdlab.losses.sparse`) and runs the loss on them. Any other
+loss names, in `sparse_refusal`, why it needs the full distribution, and `check_sparse` raises.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from kdlab.losses.reduce import counted_mask, reduce_positions
+from kdlab.losses.sparse import SparseTeacher, to_buckets
 from kdlab.registry import Registry
 
 LOSSES: Registry[type[KDLoss]] = Registry("loss")
@@ -50,6 +56,8 @@ class KDLoss(nn.Module):
     needs_teacher: ClassVar[bool] = True
     coupling: ClassVar[str] = "position"  # "position" | "sequence" | "group" | "batch"
     defaults: ClassVar[dict[str, Any]] = {}
+    # None: works from a sparse teacher's buckets; otherwise why it needs the full distribution
+    sparse_refusal: ClassVar[str | None] = "it has not been adapted to sparse teachers"
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__()
@@ -136,15 +144,28 @@ class KDLoss(nn.Module):
         if self.needs_teacher and teacher_logits is None:
             raise ValueError(f"loss {self.name!r} needs the teacher's logits")
 
+    def check_sparse(self) -> None:
+        """Raise a `ValueError` saying why, when this loss cannot use a sparse teacher."""
+        reason = self.sparse_refusal
+        if reason is not None:
+            raise ValueError(
+                f"loss {self.name!r} cannot train from a sparse (cached top-k) teacher: {reason}; "
+                "use an online teacher (teacher.model), or a loss that supports caches "
+                "(`kdlab losses` marks them)"
+            )
+
     def forward(
         self,
         student_logits: Tensor,
-        teacher_logits: Tensor | None = None,
+        teacher_logits: Tensor | SparseTeacher | None = None,
         labels: Tensor | None = None,
         *,
         num_items_in_batch: int | Tensor | None = None,
     ) -> Tensor:
-        """Scalar loss: mean over counted positions (or sum / `num_items_in_batch`)."""
+        """Scalar loss: mean over counted positions (or sum / `num_items_in_batch`).
+
+        `teacher_logits` may be a `SparseTeacher`: the loss then runs on its buckets.
+        """
         return self.forward_terms(
             student_logits, teacher_logits, labels, num_items_in_batch=num_items_in_batch
         )[0]
@@ -152,12 +173,17 @@ class KDLoss(nn.Module):
     def forward_terms(
         self,
         student_logits: Tensor,
-        teacher_logits: Tensor | None = None,
+        teacher_logits: Tensor | SparseTeacher | None = None,
         labels: Tensor | None = None,
         *,
         num_items_in_batch: int | Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted total (with gradient) and each named term, reduced and detached."""
+        if isinstance(teacher_logits, SparseTeacher):
+            self.check_sparse()
+            student_logits, teacher_logits, labels = to_buckets(
+                student_logits, teacher_logits, labels
+            )
         self.check_inputs(teacher_logits, labels)
         terms = self.terms(student_logits, teacher_logits, labels)
         reduced = {
@@ -224,6 +250,14 @@ class WeightedSum(KDLoss):
     @property
     def coupling(self) -> str:  # type: ignore[override]
         return self._coupling
+
+    @property
+    def sparse_refusal(self) -> str | None:  # type: ignore[override]
+        return next((p.sparse_refusal for p in self.losses.values() if p.sparse_refusal), None)
+
+    def check_sparse(self) -> None:
+        for loss in self.losses.values():
+            loss.check_sparse()
 
     @property
     def group_size(self) -> int:
@@ -313,9 +347,17 @@ def _strip(values: Mapping[str, Tensor], key: str) -> dict[str, Tensor]:
 
 
 def register_loss(
-    name: str, *, paper: str, needs_labels: bool = False, needs_teacher: bool = True
+    name: str,
+    *,
+    paper: str,
+    needs_labels: bool = False,
+    needs_teacher: bool = True,
+    sparse_refusal: str | None = KDLoss.sparse_refusal,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register a pure per-position function as a loss.
+
+    `sparse_refusal=None` says the loss works from a sparse teacher's buckets (see
+    `kdlab.losses.sparse`); otherwise it is the reason it cannot.
 
     The function's keyword-only parameters are the loss's hyperparameters, with their defaults:
 
@@ -338,6 +380,7 @@ def register_loss(
                 "paper": paper,
                 "needs_labels": needs_labels,
                 "needs_teacher": needs_teacher,
+                "sparse_refusal": sparse_refusal,
                 "defaults": defaults,
                 "per_position": per_position,
                 "__doc__": fn.__doc__,
@@ -376,5 +419,6 @@ def loss_info(name: str) -> dict[str, Any]:
         "needs_labels": cls.needs_labels,
         "needs_teacher": cls.needs_teacher,
         "coupling": cls.coupling,
+        "sparse": cls.sparse_refusal is None,
         "summary": doc[0] if doc else "",
     }

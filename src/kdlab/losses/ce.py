@@ -10,7 +10,11 @@ from kdlab.losses.reduce import IGNORE_INDEX
 
 
 @register_loss(
-    "ce", paper="— (supervised fine-tuning baseline)", needs_labels=True, needs_teacher=False
+    "ce",
+    paper="— (supervised fine-tuning baseline)",
+    needs_labels=True,
+    needs_teacher=False,
+    sparse_refusal=None,
 )
 def ce(
     student_logits: Tensor,

@@ -90,6 +90,7 @@ class DACKLLoss(KDLoss):
         "Multi-Granularity Semantic Revision for Large Language Model Distillation "
         "(Liu et al., 2024)"
     )
+    sparse_refusal = "its network reads the teacher's sorted full-vocabulary probabilities"
     defaults = {
         "hidden": 32,
         "num_probs": 16,

@@ -89,6 +89,7 @@ class DKDLoss(KDLoss):
     name = "dkd"
     paper = "Decoupled Knowledge Distillation (Zhao et al., CVPR 2022)"
     needs_labels = True
+    sparse_refusal = None
     defaults = {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup": 20}
 
     def __init__(self, **hparams: Any) -> None:

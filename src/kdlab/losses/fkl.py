@@ -8,7 +8,11 @@ from kdlab.losses._common import check_temperature, kl_sum, log_probs, teacher_l
 from kdlab.losses.base import register_loss
 
 
-@register_loss("fkl", paper="Distilling the Knowledge in a Neural Network (Hinton et al., 2015)")
+@register_loss(
+    "fkl",
+    paper="Distilling the Knowledge in a Neural Network (Hinton et al., 2015)",
+    sparse_refusal=None,
+)
 def fkl(
     student_logits: Tensor,
     teacher_logits: Tensor | None,

@@ -128,6 +128,10 @@ class GLDLoss(KDLoss):
 
     name = "gld"
     paper = PAPER
+    sparse_refusal = (
+        "its graph links vocabulary channels across the positions of a sequence"
+        ", and each position's buckets hold different tokens"
+    )
     coupling = "sequence"
     defaults = {"k": 32}
 

@@ -19,6 +19,7 @@ from kdlab.losses.base import register_loss
     "jsd",
     paper="On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes "
     "(GKD, Agarwal et al., 2024)",
+    sparse_refusal=None,
 )
 def jsd(
     student_logits: Tensor,

@@ -19,6 +19,7 @@ from kdlab.losses.base import register_loss
     paper="From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with "
     "Normalized Loss and Customized Soft Labels (Yang et al., ICCV 2023)",
     needs_labels=True,
+    sparse_refusal=None,
 )
 def nkd(
     student_logits: Tensor,

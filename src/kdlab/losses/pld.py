@@ -16,6 +16,8 @@ _FLOOR = -1e30  # stands in for a student's -inf logit: exp() of it is exactly 0
     "pld",
     paper="PLD: A Choice-Theoretic List-Wise Knowledge Distillation (Bassam, Zhu, Bian, 2025)",
     needs_labels=True,
+    sparse_refusal="it ranks the whole vocabulary by the teacher's logits, which a top-k cache "
+    "does not hold",
 )
 def pld(
     student_logits: Tensor,

@@ -11,6 +11,7 @@ from kdlab.losses.base import register_loss
 @register_loss(
     "rkl",
     paper="MiniLLM: Knowledge Distillation of Large Language Models (Gu et al., 2024)",
+    sparse_refusal=None,
 )
 def rkl(
     student_logits: Tensor,

@@ -26,6 +26,7 @@ _FLOOR = 1e9  # soft-rank inputs more than this below the row's top are treated 
     "rlkd",
     paper="Enhancing Knowledge Distillation of Large Language Models through Efficient "
     "Multi-Modal Distribution Alignment (RLKD, Peng and Zhang, COLING 2025)",
+    sparse_refusal=None,
 )
 def rlkd(
     student_logits: Tensor,

@@ -127,6 +127,10 @@ class SinKDLoss(KDLoss):
 
     name = "sinkd"
     paper = PAPER
+    sparse_refusal = (
+        "its transport plan compares positions along one shared vocabulary axis"
+        ", and each position's buckets hold different tokens"
+    )
     coupling = "group"
     defaults = {"temperature": 2.0, "epsilon": 0.1, "iters": 20, "weight": 0.001, "group_size": 64}
 

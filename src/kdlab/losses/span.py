@@ -135,6 +135,10 @@ class SpanLoss(KDLoss):
 
     name = "span"
     paper = PAPER
+    sparse_refusal = (
+        "its correlations multiply the distributions of adjacent positions token by token"
+        ", and each position's buckets hold different tokens"
+    )
     coupling = "sequence"
     defaults: ClassVar[dict[str, Any]] = {
         "span_length": 4,

@@ -17,6 +17,7 @@ from kdlab.losses.base import register_loss
 @register_loss(
     "srkl",
     paper="DistiLLM: Towards Streamlined Distillation for Large Language Models (Ko et al., 2024)",
+    sparse_refusal=None,
 )
 def srkl(
     student_logits: Tensor,

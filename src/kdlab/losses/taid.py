@@ -81,6 +81,7 @@ class TAIDLoss(KDLoss):
         "TAID: Temporally Adaptive Interpolated Distillation for Efficient Knowledge Transfer in "
         "Language Models (Shing et al., ICLR 2025)"
     )
+    sparse_refusal = None
     defaults = {"t_start": 0.4, "t_end": 1.0, "alpha": 5e-4, "beta": 0.99}
 
     def __init__(self, **hparams: Any) -> None:

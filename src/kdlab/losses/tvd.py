@@ -11,6 +11,7 @@ from kdlab.losses.base import register_loss
 @register_loss(
     "tvd",
     paper="DistiLLM: Towards Streamlined Distillation for Large Language Models (Ko et al., 2024)",
+    sparse_refusal=None,
 )
 def tvd(
     student_logits: Tensor,

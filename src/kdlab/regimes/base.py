@@ -107,6 +107,7 @@ class Regime(ABC):
     Options: ClassVar[type] = NoOptions
     needs_teacher_model: ClassVar[bool] = False  # generation or scoring with the teacher itself
     supports_vllm: ClassVar[bool] = False  # generates with a fixed-weight model through vLLM
+    trains_on_dataset: ClassVar[bool] = False  # every batch is dataset examples as they are
 
     def __init__(self, context: RegimeContext) -> None:
         self.context = context

@@ -25,6 +25,8 @@ class OffPolicy(Regime):
     take the same examples' prompts and replace the completions.
     """
 
+    trains_on_dataset = True  # subclasses that replace sequences set it back to False
+
     def __init__(self, context: RegimeContext) -> None:
         super().__init__(context)
         self._orders: dict[int, list[int]] = {}

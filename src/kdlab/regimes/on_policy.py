@@ -48,6 +48,8 @@ def check_generation_fits(context: RegimeContext, max_length: int | None) -> Non
 class StudentSampling(OffPolicy):
     """Base of regimes that train on the student's samples for the step's dataset prompts."""
 
+    trains_on_dataset = False
+
     def __init__(self, context: RegimeContext) -> None:
         super().__init__(context)
         context.require("student", self.name)

@@ -103,6 +103,8 @@ def resolve_backend(sampling: Sampling, teacher: torch.nn.Module, world_size: in
 class SeqKD(OffPolicy):
     """The teacher's own completions of the training prompts, generated once and stored."""
 
+    trains_on_dataset = False
+
     Options = SeqKDOptions
     needs_teacher_model = True
     supports_vllm = True

@@ -121,6 +121,8 @@ class WarmupDistill(OffPolicy):
     stage 3 are `OffPolicy`'s over the original training set.
     """
 
+    trains_on_dataset = False
+
     Options = WarmupDistillOptions
     needs_teacher_model = True
 
@@ -351,6 +353,8 @@ class WarmupDistill(OffPolicy):
 
 class PairBatches(OffPolicy):
     """Batches of (chosen, rejected) pairs, flattened to rows `[c0, r0, c1, r1, ...]`."""
+
+    trains_on_dataset = False
 
     def micro_batches(self, step: int) -> list[dict[str, Tensor]]:
         out = []

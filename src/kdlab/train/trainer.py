@@ -127,9 +127,14 @@ class Trainer:
             isinstance(head, torch.nn.Linear)
             and getattr(student.config, "final_logit_softcapping", None) is None
         )
-        if not plain or (self.teacher is not None and not self.teacher.supports_hidden):
+        if not plain:
             logger.warning(
-                "chunked loss unavailable for these models (logit scaling); using logits"
+                "chunked loss unavailable for this student (logit scaling); using logits"
+            )
+            return False
+        if self.teacher is not None and not self.teacher.supports_hidden:
+            logger.info(
+                "the teacher gives no hidden states (logit scaling or a cache); using logits"
             )
             return False
         return True
@@ -145,11 +150,9 @@ class Trainer:
             logits = self.model(**inputs).logits  # [B, T, V]
         if self.vocab is not None:
             logits = logits[..., : self.vocab]
-        teacher_logits = None
-        if self.teacher is not None:
-            teacher_logits = self.teacher.signal(batch).logits
+        teacher = None if self.teacher is None else self.teacher.signal(batch).for_loss
         return self.loss_fn.forward_terms(
-            logits.float(), teacher_logits, labels, num_items_in_batch=num_items
+            logits.float(), teacher, labels, num_items_in_batch=num_items
         )
 
     def _chunked_micro_loss(self, batch, inputs, labels, num_items):  # noqa: ANN001, ANN202
