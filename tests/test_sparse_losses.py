@@ -108,3 +108,23 @@ def test_fully_masked_sparse_batch_is_zero_with_zero_gradient() -> None:
     value = build_loss("atkd")(student, every_token(teacher), torch.full_like(labels, -100))
     value.backward()
     assert float(value.detach()) == 0.0 and torch.count_nonzero(student.grad) == 0
+
+
+@pytest.mark.parametrize("name", ISSUE_LIST)
+def test_masked_and_extreme_student_logits_stay_finite(name: str) -> None:
+    student, teacher, labels = inputs(3)
+    student[..., 0] = float("-inf")  # a masked vocabulary entry
+    student[0, 2, 1] = 1e4
+    student[1, 3, 2] = -1e4
+    sparse = SparseTeacher(*_top(teacher, 3))
+    student.requires_grad_()
+    value = build_loss(name)(student, sparse, labels.clamp_min(1).masked_fill(labels < 0, -100))
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(student.grad).all()
+
+
+def _top(teacher: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    log_p = torch.log_softmax(teacher, -1)
+    values, ids = log_p.topk(k, -1)
+    rest = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    return ids, torch.cat([values, log_p.gather(-1, ids[..., :1]) * 0 - 30.0, rest], -1)

@@ -254,6 +254,11 @@ def test_sample_mode_cache_trains(tiny_teacher: Path, tmp_path: Path) -> None:
     assert meta["mode"] == "sample"
     summary = run_distill(from_dict(student_config(cache, tmp_path / "run")))
     assert summary.steps == 2 and math.isfinite(summary.final_loss)
+    # reverse KL would ignore every undrawn token (their teacher weight is 0): refused early
+    refused = from_dict(student_config(cache, tmp_path / "rkl", loss={"name": "rkl"}))
+    with pytest.raises(ConfigError, match="rkl.*random-sampling cache"):
+        run_distill(refused)
+    assert not (tmp_path / "rkl" / "metrics.jsonl").exists()
 
 
 def test_example_cache_configs_run(tiny_teacher: Path, tmp_path: Path) -> None:
@@ -274,3 +279,16 @@ def test_example_cache_configs_run(tiny_teacher: Path, tmp_path: Path) -> None:
     ]  # fmt: skip
     assert main(["distill", str(CONFIGS / "cache" / "arith-student.yaml"), *student]) == 0
     assert (tmp_path / "run" / "student" / "config.json").is_file()
+
+
+def test_auto_value_bits_meet_the_budget_at_k64_and_keep_six_bits_at_least() -> None:
+    from kdlab.teachers.cache import TRAILING, auto_value_bits
+    from kdlab.teachers.codec import Codec
+
+    for vocab, bits in ((32000, 8), (128256, 6), (151936, 6)):
+        assert auto_value_bits(vocab, 64) == bits
+        assert Codec(vocab, 64, bits, trailing=TRAILING).bytes_per_position <= 160
+        if bits < 8:  # one bit more would not fit
+            assert Codec(vocab, 64, bits + 1, trailing=TRAILING).bytes_per_position > 160
+    # at k = 8 nothing of 6 bits or more fits 2.5 bytes per entry: precision wins
+    assert auto_value_bits(151936, 8) == 6

@@ -168,7 +168,8 @@ def _cmd_losses(args: argparse.Namespace) -> int:
         hps = ", ".join(f"{k}={v!r}" for k, v in info["hparams"].items()) or "-"
         needs = [w for w, on in (("labels", info["needs_labels"]),) if on]
         if info["needs_teacher"]:
-            needs.append("cache: yes" if info["sparse"] else "cache: no")
+            cache = "sampled too" if info["sampled"] else "top-k"
+            needs.append(f"cache: {cache}" if info["sparse"] else "cache: no")
         if info["coupling"] != "position":
             needs.append(f"couples positions: {info['coupling']}")
         print(f"{name:8s} {hps}" + (f"  [{'; '.join(needs)}]" if needs else ""))

@@ -80,7 +80,8 @@ class CacheSpec:
         "top_k",
     )
     value_bits: Literal["auto"] | int = _help(
-        "bits per stored log-probability, 2..8 (auto: the most that keep <= 2.5 bytes per entry)",
+        "bits per stored log-probability, 2..8 (auto: the most that keep <= 2.5 bytes per "
+        "entry, at least 6)",
         "auto",
     )
     log_floor: float = _help(

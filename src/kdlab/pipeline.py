@@ -37,7 +37,6 @@ from kdlab.train.trainer import STATE_FILE, Trainer
 logger = logging.getLogger("kdlab")
 
 TRAINED_TEACHER_PRESETS = {"teacher": "standard", "teacher-quick": "quick"}
-BUDGET_BYTES_PER_ENTRY = 2.5  # `cache.value_bits: auto` keeps a cache within this
 
 
 @dataclass
@@ -190,6 +189,11 @@ def _load_with_cache(
         max_length=config.data.max_length,
         k=spec.k,
     )
+    if cache.meta["mode"] == "sample" and config.train.kd_weight > 0:
+        try:
+            build_run_loss(config).check_sampled()
+        except ValueError as err:
+            raise ConfigError(f"config error at loss (teacher cache {cache.path}): {err}") from err
     student = _model_for(config.student, tokenizer, "student")
     check_cache_vocab(cache, vocab_size(student))
     vocab = cache.vocab if vocab_size(student) != cache.vocab else None
@@ -373,9 +377,16 @@ def run_cache_teacher(config: RunConfig, *, stop_after_shards: int | None = None
     Returns the cache's `meta.json` content. Re-running with the same config finishes a partial
     cache (finished shards are kept); a finished cache is reported as it is.
     """
-    from kdlab.teachers.cache import META, CachePlan, dataset_fingerprint, write_cache
+    from kdlab.teachers.cache import (
+        META,
+        TRAILING,
+        CachePlan,
+        auto_value_bits,
+        dataset_fingerprint,
+        write_cache,
+    )
     from kdlab.teachers.cache import tokenizer_fingerprint as fingerprint
-    from kdlab.teachers.codec import Codec, fitting_value_bits
+    from kdlab.teachers.codec import Codec
 
     spec, cache = config.teacher, config.cache
     if cache is None:
@@ -400,8 +411,8 @@ def run_cache_teacher(config: RunConfig, *, stop_after_shards: int | None = None
         logger.warning("cache.k=%d is more than the %d-token vocabulary: storing all", cache.k, k)
     bits = cache.value_bits
     if bits == "auto":
-        bits = fitting_value_bits(vocab, k, BUDGET_BYTES_PER_ENTRY, cache.log_floor, trailing=2)
-    codec = Codec(vocab, k, int(bits), cache.log_floor, trailing=2)  # + label, tail
+        bits = auto_value_bits(vocab, k, cache.log_floor)
+    codec = Codec(vocab, k, int(bits), cache.log_floor, trailing=TRAILING)
     plan = CachePlan(
         teacher=str(spec.model),
         teacher_revision=spec.revision,

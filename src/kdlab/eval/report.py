@@ -105,12 +105,14 @@ def write_run_report(out: Path, config: Any, metrics: Mapping[str, float]) -> Pa
     for key in sorted({k for r in records for k in r if k.startswith("loss/")}):
         curves[key] = [(r["step"], r[key]) for r in records if key in r]
     plot = plot_learning_curves(curves, out / "learning_curve.png")
+    teacher = "-"
+    if config.teacher is not None:
+        teacher = config.teacher.model or f"cache {config.teacher.cache}"
     lines = [
         f"# kdlab run: {out.name}",
         "",
         f"- loss: `{config.loss.name}` {config.loss.hparams or ''}; regime: `{config.regime.name}`",
-        f"- teacher: `{config.teacher.model if config.teacher else '-'}`; "
-        f"student: `{config.student.model}`; data: `{config.data.dataset}`",
+        f"- teacher: `{teacher}`; student: `{config.student.model}`; data: `{config.data.dataset}`",
         f"- steps: {records[-1]['step'] if records else 0}; final loss: {records[-1]['loss']:.4f}"
         if records
         else "- no steps logged",

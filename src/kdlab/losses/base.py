@@ -58,6 +58,8 @@ class KDLoss(nn.Module):
     defaults: ClassVar[dict[str, Any]] = {}
     # None: works from a sparse teacher's buckets; otherwise why it needs the full distribution
     sparse_refusal: ClassVar[str | None] = "it has not been adapted to sparse teachers"
+    # whether a random-sampling cache (unbiased weights, zero tail) is a sound teacher for it
+    sampled_teacher_ok: ClassVar[bool] = False
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__()
@@ -143,6 +145,17 @@ class KDLoss(nn.Module):
             raise ValueError(f"loss {self.name!r} needs labels (the ground-truth next tokens)")
         if self.needs_teacher and teacher_logits is None:
             raise ValueError(f"loss {self.name!r} needs the teacher's logits")
+
+    def check_sampled(self) -> None:
+        """Raise a `ValueError` when this loss cannot train from a random-sampling cache."""
+        if not self.sampled_teacher_ok:
+            raise ValueError(
+                f"loss {self.name!r} cannot train from a random-sampling cache: the sampled "
+                "weights are unbiased estimates of the teacher's probabilities, which makes the "
+                "forward-KL (and cross-entropy) gradient unbiased, but this loss is not linear in "
+                "them (and reverse-KL terms ignore every token that was not drawn); use loss fkl, "
+                "or a top_k cache (cache.mode: top_k)"
+            )
 
     def check_sparse(self) -> None:
         """Raise a `ValueError` saying why, when this loss cannot use a sparse teacher."""
@@ -259,6 +272,10 @@ class WeightedSum(KDLoss):
         for loss in self.losses.values():
             loss.check_sparse()
 
+    def check_sampled(self) -> None:
+        for loss in self.losses.values():
+            loss.check_sampled()
+
     @property
     def group_size(self) -> int:
         return next(p.group_size for p in self.losses.values() if p.coupling == "group")
@@ -353,11 +370,13 @@ def register_loss(
     needs_labels: bool = False,
     needs_teacher: bool = True,
     sparse_refusal: str | None = KDLoss.sparse_refusal,
+    sampled_teacher_ok: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register a pure per-position function as a loss.
 
     `sparse_refusal=None` says the loss works from a sparse teacher's buckets (see
-    `kdlab.losses.sparse`); otherwise it is the reason it cannot.
+    `kdlab.losses.sparse`); otherwise it is the reason it cannot. `sampled_teacher_ok=True`
+    says a random-sampling cache's unbiased weights give it an unbiased gradient.
 
     The function's keyword-only parameters are the loss's hyperparameters, with their defaults:
 
@@ -381,6 +400,7 @@ def register_loss(
                 "needs_labels": needs_labels,
                 "needs_teacher": needs_teacher,
                 "sparse_refusal": sparse_refusal,
+                "sampled_teacher_ok": sampled_teacher_ok,
                 "defaults": defaults,
                 "per_position": per_position,
                 "__doc__": fn.__doc__,
@@ -420,5 +440,6 @@ def loss_info(name: str) -> dict[str, Any]:
         "needs_teacher": cls.needs_teacher,
         "coupling": cls.coupling,
         "sparse": cls.sparse_refusal is None,
+        "sampled": cls.sampled_teacher_ok,
         "summary": doc[0] if doc else "",
     }

@@ -15,6 +15,7 @@ from kdlab.losses.reduce import IGNORE_INDEX
     needs_labels=True,
     needs_teacher=False,
     sparse_refusal=None,
+    sampled_teacher_ok=True,
 )
 def ce(
     student_logits: Tensor,

@@ -12,6 +12,7 @@ from kdlab.losses.base import register_loss
     "fkl",
     paper="Distilling the Knowledge in a Neural Network (Hinton et al., 2015)",
     sparse_refusal=None,
+    sampled_teacher_ok=True,
 )
 def fkl(
     student_logits: Tensor,

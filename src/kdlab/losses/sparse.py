@@ -15,13 +15,14 @@ ground-truth token keeps a bucket of its own so that target/non-target methods (
 and the hard-label cross-entropy see its exact probability.
 
 What the buckets change is written on each loss's docs page; in short: the tail counts as one
-token, and a loss's `temperature` acts on the buckets (`softmax(log b / τ)`), which equals the
-full distribution's temperature only on the stored ids. With every token stored (S = V) the
-buckets are the vocabulary itself and every loss is exact.
+token, and a loss's `temperature` acts on the buckets (`softmax(log b / τ)`): ratios between
+stored ids are those of the full tempered distribution, but the tail is tempered as one token,
+which changes the normaliser. With every token stored (S = V) the buckets are the vocabulary
+itself and every loss is exact.
 
 A random-sampling cache (Anshumann et al., ACL 2025) stores sampled ids with importance weights
 and a tail of zero mass; the student's other tokens still get gradient through the tail bucket,
-which is what makes the forward-KL gradient unbiased.
+which is what makes the forward-KL gradient unbiased (losses declare `sampled_teacher_ok`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kdlab.losses._common import LOG_ZERO, log_probs
+from kdlab.losses._common import LOG_ZERO
 from kdlab.losses.reduce import IGNORE_INDEX
 
 
@@ -69,8 +70,9 @@ def to_buckets(
 
     Returns:
         `(student [M, S + 2], teacher [M, S + 2], labels [M])` for the M counted positions:
-        log-probabilities (the student's sum to 1; LOG_ZERO / −inf for empty buckets) and each
-        label's bucket (its slot, or S when it is not among the ids).
+        log-probabilities (the student's sum to 1; −inf for empty buckets, which the losses
+        treat as masked vocabulary entries) and each label's bucket (its slot, or S when it is
+        not among the ids).
 
     Raises:
         ValueError: when the shapes do not line up or an id is outside the student's vocabulary.
@@ -78,14 +80,18 @@ def to_buckets(
     _check_shapes(student_logits, teacher, labels)
     keep = labels != IGNORE_INDEX
     ids, t_log, target = teacher.ids[keep], teacher.log_probs[keep].float(), labels[keep]
-    log_q = log_probs(student_logits[keep])  # [M, V]
-    target = target.unsqueeze(-1)  # [M, 1]
-    in_slots = ids == target  # [M, S]
+    z = student_logits[keep].float()  # [M, V]
+    in_slots = ids == target[:, None]  # [M, S]
     listed = in_slots.any(-1)  # [M]
-    label_q = log_q.gather(-1, target).squeeze(-1).masked_fill(listed, LOG_ZERO)
-    others = log_q.scatter(-1, ids, LOG_ZERO).scatter(-1, target, LOG_ZERO)
-    tail_q = torch.logsumexp(others, dim=-1).clamp_min(LOG_ZERO)
-    student = torch.cat([log_q.gather(-1, ids), label_q[:, None], tail_q[:, None]], dim=-1)
+    index = torch.cat([ids, target[:, None]], dim=-1)  # [M, S + 1]: the ids, then the label
+    # log-sum-exps instead of a full log-softmax: two passes over [M, V], one masked copy
+    total = torch.logsumexp(z, dim=-1, keepdim=True)  # [M, 1]
+    rest = torch.logsumexp(z.scatter(-1, index, LOG_ZERO), dim=-1, keepdim=True)
+    picked = z.gather(-1, index)  # [M, S + 1]
+    rest = rest.masked_fill(rest <= LOG_ZERO / 2, float("-inf"))  # nothing left: no tail
+    student = torch.cat([picked, rest], dim=-1) - total  # [M, S + 2]
+    # a bucket the student cannot reach is -inf, as a masked logit: losses handle it as such
+    student[:, -2] = student[:, -2].masked_fill(listed, float("-inf"))  # the label has a slot
     bucket = torch.where(listed, in_slots.int().argmax(-1), ids.shape[-1])
     return student, t_log.detach(), bucket
 

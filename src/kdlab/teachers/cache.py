@@ -40,12 +40,21 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab.data.collate import Encoded, collate
 from kdlab.losses.reduce import IGNORE_INDEX
-from kdlab.teachers.codec import Codec
+from kdlab.teachers.codec import Codec, fitting_value_bits
 
 logger = logging.getLogger("kdlab")
 
 FORMAT = "kdlab-teacher-cache/1"
 META, PLAN = "meta.json", "plan.json"
+TRAILING = 2  # values per row after the k ids: the ground-truth token's, the tail's
+BUDGET_BYTES_PER_ENTRY = 2.5  # `cache.value_bits: auto` keeps a row within this ...
+MIN_AUTO_BITS = 6  # ... but never below 6 bits (error <= 0.13 nats): small k may pass it
+
+
+def auto_value_bits(vocab: int, k: int, log_floor: float = 16.0) -> int:
+    """`cache.value_bits: auto`: the most bits (<= 8) within 2.5 bytes per entry, at least 6."""
+    fitting = fitting_value_bits(vocab, k, BUDGET_BYTES_PER_ENTRY, log_floor, trailing=TRAILING)
+    return max(MIN_AUTO_BITS, fitting)
 
 
 class CacheError(ValueError):
