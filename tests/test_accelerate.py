@@ -100,3 +100,35 @@ def test_generating_regime_keeps_each_process_state(tmp_path: Path, tiny_teacher
     assert buffers[0] != buffers[1]  # each process sampled for its own prompts
     records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["regime/source"] for r in records] == [1.0, 1.0]  # fresh samples
+
+
+@pytest.mark.slow
+def test_two_processes_train_from_a_cache_like_one(tmp_path: Path, tiny_teacher: Path) -> None:
+    """Each process finds its own batch rows in the cache: same losses as one process."""
+    from kdlab.config import from_dict, load_config
+    from kdlab.pipeline import run_cache_teacher, run_distill
+
+    cache = tmp_path / "cache"
+    run_cache_teacher(
+        from_dict(
+            {
+                "teacher": {"model": str(tiny_teacher)},
+                "data": {"dataset": "task:arith", "num_examples": 64},
+                "cache": {"path": str(cache), "k": 4},
+            }
+        )
+    )
+    runs = {}
+    for name, batch in (("two", 4), ("one", 8)):
+        runs[name] = write_config(
+            tmp_path / f"{name}.yaml",
+            None,
+            teacher={"cache": str(cache)},
+            train={"batch_size": batch, "max_steps": 3, "progress": False},
+            output_dir=str(tmp_path / name),
+            eval={"enabled": False},
+        )
+    proc = _launch_two(runs["two"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_distill(load_config(runs["one"]))
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)

@@ -46,6 +46,7 @@ logger = logging.getLogger("kdlab")
 
 FORMAT = "kdlab-teacher-cache/1"
 META, PLAN = "meta.json", "plan.json"
+ROWS_PER_CHUNK = 1024  # positions whose full-vocabulary rows are processed together
 TRAILING = 2  # values per row after the k ids: the ground-truth token's, the tail's
 BUDGET_BYTES_PER_ENTRY = 2.5  # `cache.value_bits: auto` keeps a row within this ...
 MIN_AUTO_BITS = 6  # ... but never below 6 bits (error <= 0.13 nats): small k may pass it
@@ -309,9 +310,17 @@ def _teacher_rows(
     labels = batch["labels"].to(device)
     keep = labels != IGNORE_INDEX
     logits = model(**inputs).logits[..., : plan.vocab][keep]  # [M, V]
-    if plan.mode == "sample":
-        return sampled_rows(logits, labels[keep], plan.k, generator)
-    return top_k_rows(logits, labels[keep], plan.k)
+    targets = labels[keep]
+    parts = []
+    for start in range(0, logits.shape[0], ROWS_PER_CHUNK):  # a few [rows, V] temporaries each
+        chunk = slice(start, start + ROWS_PER_CHUNK)
+        if plan.mode == "sample":
+            parts.append(sampled_rows(logits[chunk], targets[chunk], plan.k, generator))
+        else:
+            parts.append(top_k_rows(logits[chunk], targets[chunk], plan.k))
+    ids = torch.cat([r.ids for r in parts]) if parts else logits.new_zeros((0, plan.k)).long()
+    values = torch.cat([r.log_probs for r in parts]) if parts else logits.new_zeros((0, plan.k + 2))
+    return SparseRows(ids, values)
 
 
 def _save_shard(out: Path, index: int, shard: range, rows: dict[str, Tensor]) -> dict[str, Any]:
