@@ -416,6 +416,7 @@ def run_cache_teacher(config: RunConfig, *, stop_after_shards: int | None = None
     plan = CachePlan(
         teacher=str(spec.model),
         teacher_revision=spec.revision,
+        teacher_dtype=spec.dtype,
         tokenizer=fingerprint(tokenizer),
         dataset=dataset_fingerprint(train),
         num_examples=len(train),

@@ -182,6 +182,7 @@ class CachePlan:
 
     teacher: str
     teacher_revision: str | None
+    teacher_dtype: str
     tokenizer: str
     dataset: str
     num_examples: int
