@@ -128,3 +128,41 @@ def _top(teacher: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     values, ids = log_p.topk(k, -1)
     rest = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
     return ids, torch.cat([values, log_p.gather(-1, ids[..., :1]) * 0 - 30.0, rest], -1)
+
+
+def _reference_buckets(z, ids, target, listed):  # noqa: ANN001, ANN202
+    """Plain autograd in float64: log-softmax, gathered, the tail by a masked log-sum-exp."""
+    log_q = torch.log_softmax(z, -1)
+    index = torch.cat([ids, target[:, None]], -1)
+    picked = log_q.gather(-1, index).clone()
+    picked[:, -1] = picked[:, -1].masked_fill(listed, float("-inf"))
+    mask = torch.zeros_like(z, dtype=torch.bool).scatter(-1, index, True)
+    rest = torch.logsumexp(log_q.masked_fill(mask, float("-inf")), -1, keepdim=True)
+    return torch.cat([picked, rest], -1)
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_fused_bucket_sums_match_plain_autograd(trial: int) -> None:
+    from kdlab.losses.sparse import BucketLogProbs
+
+    g = torch.Generator().manual_seed(trial)
+    m, vocab = 6, 5 + 3 * trial
+    slots = [1, vocab, vocab - 1, 3][trial % 4]  # one id, every token, all but one, a few
+    z = torch.randn(m, vocab, generator=g, dtype=torch.float64) * (1 + trial)
+    z[0, 0] = float("-inf")  # a masked vocabulary entry
+    z[1, 1] = 60.0  # a near one-hot row: the tail nearly cancels
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:slots] for _ in range(m)])
+    target = torch.randint(0, vocab, (m,), generator=g)
+    target[2] = ids[2, 0]  # one label among the ids
+    listed = (ids == target[:, None]).any(-1)
+    upstream = torch.randn(m, slots + 2, generator=g, dtype=torch.float64)
+    plain, fused = z.clone().requires_grad_(), z.clone().requires_grad_()
+    want = _reference_buckets(plain, ids, target, listed)
+    got = BucketLogProbs.apply(fused, ids, target, listed)
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got))
+    assert torch.allclose(got[finite], want[finite], atol=1e-9)
+    weights = torch.where(finite, upstream, 0.0)
+    (want.masked_fill(~finite, 0) * weights).sum().backward()
+    (got.masked_fill(~finite, 0) * weights).sum().backward()
+    assert torch.allclose(fused.grad, plain.grad.nan_to_num(0.0), atol=1e-8)

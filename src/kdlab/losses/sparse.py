@@ -79,21 +79,74 @@ def to_buckets(
     """
     _check_shapes(student_logits, teacher, labels)
     keep = labels != IGNORE_INDEX
-    ids, t_log, target = teacher.ids[keep], teacher.log_probs[keep].float(), labels[keep]
-    z = student_logits[keep].float()  # [M, V]
+    if bool(keep.all()):  # the trainer passes counted rows only: no copy
+        flat = student_logits.reshape(-1, student_logits.shape[-1])
+        ids, t_log = (
+            teacher.ids.reshape(flat.shape[0], -1),
+            teacher.log_probs.reshape(len(flat), -1),
+        )
+        target = labels.reshape(-1)
+    else:
+        flat, ids, t_log, target = (
+            student_logits[keep],
+            teacher.ids[keep],
+            teacher.log_probs[keep],
+            labels[keep],
+        )
     in_slots = ids == target[:, None]  # [M, S]
     listed = in_slots.any(-1)  # [M]
-    index = torch.cat([ids, target[:, None]], dim=-1)  # [M, S + 1]: the ids, then the label
-    # log-sum-exps instead of a full log-softmax: two passes over [M, V], one masked copy
-    total = torch.logsumexp(z, dim=-1, keepdim=True)  # [M, 1]
-    rest = torch.logsumexp(z.scatter(-1, index, LOG_ZERO), dim=-1, keepdim=True)
-    picked = z.gather(-1, index)  # [M, S + 1]
-    rest = rest.masked_fill(rest <= LOG_ZERO / 2, float("-inf"))  # nothing left: no tail
-    student = torch.cat([picked, rest], dim=-1) - total  # [M, S + 2]
-    # a bucket the student cannot reach is -inf, as a masked logit: losses handle it as such
-    student[:, -2] = student[:, -2].masked_fill(listed, float("-inf"))  # the label has a slot
+    student = BucketLogProbs.apply(flat.float(), ids, target, listed)  # [M, S + 2]
     bucket = torch.where(listed, in_slots.int().argmax(-1), ids.shape[-1])
-    return student, t_log.detach(), bucket
+    return student, t_log.float().detach(), bucket
+
+
+class BucketLogProbs(torch.autograd.Function):
+    """The student's `S + 2` bucket log-probabilities, in one pass over `[M, V]` each way.
+
+    Forward: `e = exp(z − max)`, its row sums, the picked entries; the tail is the total minus
+    the picked mass (recomputed exactly from the masked row where that difference is under 1e-3
+    of the total, so cancellation never costs more than ~1e-4 relative). The ids' and the label's
+    log-probabilities come straight from the logits (`z − max − log total`), exact even where
+    `exp` underflows. Backward, in closed form, for bucket log-probs `b` with upstream `g`:
+    `∂/∂z_u = g_slot(u) + e_u·(g_tail/tail·[u in the tail] − Σg/total)`.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, ids: Tensor, target: Tensor, listed: Tensor) -> Tensor:  # noqa: ANN001
+        top = z.max(dim=-1, keepdim=True).values.clamp_min(LOG_ZERO)  # [M, 1], finite
+        e = torch.exp(z - top)  # [M, V]
+        total = e.sum(-1)  # [M]
+        index = torch.cat([ids, target[:, None]], dim=-1)  # [M, S + 1]
+        inside = e.gather(-1, index)  # [M, S + 1]
+        inside[:, -1] = inside[:, -1].masked_fill(listed, 0.0)  # the label counted once
+        tail = total - inside.sum(-1)  # [M]
+        close = tail < 1e-3 * total
+        if bool(close.any()):
+            rows = e[close].scatter(-1, index[close], 0.0)
+            tail[close] = rows.sum(-1)
+        tail = tail.clamp_min(0.0)
+        log_total = total.log()[:, None] + top  # [M, 1]
+        picked = z.gather(-1, index) - log_total  # [M, S + 1]
+        picked[:, -1] = picked[:, -1].masked_fill(listed, float("-inf"))
+        out = torch.cat([picked, (tail.log() + top[:, 0] - log_total[:, 0])[:, None]], dim=-1)
+        ctx.save_for_backward(e, total, tail, ids, target, listed)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: ANN001
+        e, total, tail, ids, target, listed = ctx.saved_tensors
+        g_slots, g_label, g_tail = grad[:, :-2], grad[:, -2], grad[:, -1]
+        # an empty bucket (a listed label's, an empty tail) is a constant -inf: no gradient
+        g_label = g_label.masked_fill(listed, 0.0)
+        g_tail = g_tail.masked_fill(tail <= 0, 0.0)
+        per_total = g_slots.sum(-1) + g_label + g_tail  # Σ g over the buckets that exist
+        per_tail = g_tail / tail.clamp_min(torch.finfo(tail.dtype).tiny)  # [M]
+        out = e * (per_tail - per_total / total)[:, None]  # every token as if in the tail
+        softmax_part = -(per_total / total)[:, None]
+        label_grad = e.gather(-1, target[:, None]) * softmax_part + g_label[:, None]
+        out.scatter_(-1, target[:, None], label_grad)  # then the slots (a listed label's too)
+        out.scatter_(-1, ids, e.gather(-1, ids) * softmax_part + g_slots)
+        return out, None, None, None
 
 
 def _check_shapes(student_logits: Tensor, teacher: SparseTeacher, labels: Tensor | None) -> None:

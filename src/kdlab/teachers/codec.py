@@ -30,7 +30,7 @@ Sizes with one trailing value (bits → bytes per position; bytes per stored ent
   bytes): 704 + 139 + 390 = 1233 bits → 155 bytes (2.42 B/entry).
 - V=32000, S=64, b=8 (fits 2.5 B/entry): l=8; 512 + 189 + 520 = 1221 bits → 153 bytes.
 
-kdlab's cache has two trailing values, b bits more: 173, 155 and 155 bytes for the three rows.
+kdlab's cache has two trailing values, b bits more: 172, 155 and 154 bytes for the three rows.
 
 Error bound with the default R=16 nats: b=8 gives δ = 16/254 ≈ 0.063, so |error| ≤ 0.0315 in
 log p (≈ 3% relative error in p); b=6 gives δ = 16/62 ≈ 0.258, |error| ≤ 0.129. Probabilities

@@ -151,6 +151,11 @@ class Trainer:
         if self.vocab is not None:
             logits = logits[..., : self.vocab]
         teacher = None if self.teacher is None else self.teacher.signal(batch).for_loss
+        if self.loss_fn.coupling != "sequence":
+            # only counted positions go into the loss (the same mean, less work on prompts)
+            keep = labels != IGNORE_INDEX
+            logits, labels = logits[keep], labels[keep]  # [M, V], [M]
+            teacher = None if teacher is None else teacher[keep]
         return self.loss_fn.forward_terms(
             logits.float(), teacher, labels, num_items_in_batch=num_items
         )
