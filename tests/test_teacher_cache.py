@@ -167,6 +167,16 @@ def test_a_killed_writer_resumes_keeping_finished_shards(
     TeacherCache(out)  # verifies every checksum
 
 
+def test_a_finished_cache_is_reused_only_for_the_same_settings(
+    tiny_teacher: Path, cache_k4: Path
+) -> None:
+    stamp = (cache_k4 / "meta.json").stat().st_mtime_ns
+    assert run_cache_teacher(from_dict(cache_config(tiny_teacher, cache_k4)))["k"] == 4
+    assert (cache_k4 / "meta.json").stat().st_mtime_ns == stamp  # nothing rewritten
+    with pytest.raises(CacheError, match="finished teacher cache.*mode"):
+        run_cache_teacher(from_dict(cache_config(tiny_teacher, cache_k4, mode="sample")))
+
+
 def test_a_folder_with_another_plan_is_refused(tiny_teacher: Path, cache_k4: Path) -> None:
     (cache_k4 / "meta.json").rename(cache_k4 / "meta.json.bak")
     try:

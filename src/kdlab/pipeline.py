@@ -30,7 +30,7 @@ from kdlab.models.loading import (
 from kdlab.regimes import REGIMES, Regime, RegimeContext
 from kdlab.regimes.base import REGIME_DIR
 from kdlab.teachers import OnlineTeacher, TeacherSource
-from kdlab.teachers.cache import TeacherCache
+from kdlab.teachers.cache import CacheError, TeacherCache
 from kdlab.train.checkpoint import latest_checkpoint
 from kdlab.train.trainer import STATE_FILE, Trainer
 
@@ -397,8 +397,10 @@ def run_cache_teacher(config: RunConfig, *, stop_after_shards: int | None = None
         raise ConfigError("config error at teacher.model: `kdlab cache-teacher` needs the teacher")
     out = Path(cache.path)
     if (out / META).is_file():
-        logger.info("%s already holds a finished teacher cache", out)
-        return json.loads((out / META).read_text())
+        meta = json.loads((out / META).read_text())
+        _check_finished_cache(meta, config, out)
+        logger.info("%s already holds this finished teacher cache", out)
+        return meta
     tokenizer = _tokenizer_for(spec, config)
     splits = load_splits(config.data, config.eval.num_examples)
     train = encode_dataset(tokenizer, splits.train, config.data)
@@ -448,3 +450,27 @@ def run_cache_teacher(config: RunConfig, *, stop_after_shards: int | None = None
         batch_size=cache.batch_size,
         stop_after_shards=stop_after_shards,
     )
+
+
+def _check_finished_cache(meta: dict[str, Any], config: RunConfig, out: Path) -> None:
+    """A finished cache in `cache.path` must be the one this config asks for."""
+    cache = config.cache
+    wanted = {
+        "teacher": str(config.teacher.model),
+        "data": dataclasses.asdict(config.data),
+        "mode": cache.mode,
+        "seed": cache.seed,
+        "shard_examples": cache.shard_examples,
+        "log_floor": cache.log_floor,
+    }
+    held = {**{k: meta.get(k) for k in wanted}, "log_floor": meta["codec"]["log_floor"]}
+    differ = [k for k in wanted if held[k] != wanted[k]]
+    if meta["k"] != cache.k and not (cache.k > meta["k"] == meta["vocab"]):
+        differ.append("k")
+    if cache.value_bits != "auto" and cache.value_bits != meta["codec"]["value_bits"]:
+        differ.append("value_bits")
+    if differ:
+        raise CacheError(
+            f"{out} holds a finished teacher cache written with other settings "
+            f"({', '.join(differ)} differ); choose another cache.path or delete the folder"
+        )
