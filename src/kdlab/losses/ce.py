@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from kdlab.losses._common import log_probs
+from kdlab.losses._common import LOG_ZERO
 from kdlab.losses.base import register_loss
 from kdlab.losses.reduce import IGNORE_INDEX
 
@@ -25,9 +27,10 @@ def ce(
     """Cross-entropy of the ground-truth next token per position: `−log q_y`.
 
     No paper: the SFT baseline, usually combined with a KD term through `WeightedSum`. The
-    teacher is ignored (it may be `None`). Positions labelled `-100` get the finite value at token
-    0 (the reduction drops them). A ground-truth token that the student masks with `-inf` gives a
-    huge but finite value (`−LOG_ZERO`) and no gradient.
+    teacher is ignored (it may be `None`). Positions labelled `-100` get 0 (the reduction drops
+    them). A ground-truth token that the student masks with `-inf` gives a huge but finite value
+    (`−LOG_ZERO`) and no gradient. Computed by PyTorch's fused `cross_entropy` (one pass over the
+    logits each way; the clamped log-softmax of the other losses would copy them).
 
     Args:
         student_logits: `[..., V]`.
@@ -39,5 +42,9 @@ def ce(
     """
     if labels is None:
         raise ValueError("loss 'ce' needs labels (the ground-truth next tokens)")
+    z = student_logits.float()
+    flat = z.reshape(-1, z.shape[-1])  # [N, V]
+    value = F.cross_entropy(flat, labels.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX)
     index = labels.masked_fill(labels == IGNORE_INDEX, 0).clamp_min(0).unsqueeze(-1)
-    return -log_probs(student_logits).gather(-1, index).squeeze(-1)
+    masked = z.gather(-1, index).squeeze(-1) == float("-inf")  # the target cannot be produced
+    return torch.where(masked, -LOG_ZERO, value.view(labels.shape))
