@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import write_config
 
@@ -123,11 +124,12 @@ def test_two_processes_train_from_a_cache_like_one(tmp_path: Path, tiny_teacher:
         runs[name] = write_config(
             tmp_path / f"{name}.yaml",
             None,
-            teacher={"cache": str(cache)},
             train={"batch_size": batch, "max_steps": 3, "progress": False},
             output_dir=str(tmp_path / name),
             eval={"enabled": False},
         )
+        raw = yaml.safe_load(runs[name].read_text())
+        runs[name].write_text(yaml.safe_dump({**raw, "teacher": {"cache": str(cache)}}))
     proc = _launch_two(runs["two"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_distill(load_config(runs["one"]))
