@@ -104,6 +104,21 @@ def test_sampled_rows_are_unbiased_and_keep_the_label_exact() -> None:
     assert torch.all((estimate - probs).abs() <= 5 * stderr + 1e-6), estimate - probs
 
 
+def test_sampled_rows_with_every_token_keep_the_label_in_its_slot() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(5, VOCAB)
+    labels = torch.randint(0, VOCAB, (5,))
+    rows = sampled_rows(logits, labels, k=VOCAB, generator=torch.Generator().manual_seed(0))
+    probs = torch.softmax(logits, -1)
+    slot = rows.ids == labels[:, None]
+    assert torch.equal(slot.sum(-1), torch.ones(5, dtype=torch.long))  # the label is a filler
+    assert torch.allclose(
+        rows.log_probs[:, :VOCAB][slot].exp(), probs.gather(-1, labels[:, None])[:, 0]
+    )
+    assert torch.all(rows.log_probs[:, VOCAB] == float("-inf"))  # no separate label bucket
+    assert torch.allclose(rows.log_probs.exp().sum(-1), torch.ones(5), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- write and read
 
 

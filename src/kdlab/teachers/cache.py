@@ -169,8 +169,12 @@ def sampled_rows(logits: Tensor, labels: Tensor, k: int, generator: torch.Genera
     ids = order.topk(k, dim=-1).indices  # [M, k]
     weight = counts.gather(-1, ids) * ((1 - p_label) / k)[:, None]
     values = torch.where(weight > 0, weight.log(), float("-inf"))
+    # with k >= V - 1 the label is one of the fillers: its exact value goes in its slot
+    is_label = ids == target
+    values = torch.where(is_label, p_label.log()[:, None], values)
+    label = p_label.log().masked_fill(is_label.any(-1), float("-inf"))
     tail = torch.full_like(p_label, float("-inf"))
-    return SparseRows(ids, torch.cat([values, p_label.log()[:, None], tail[:, None]], dim=-1))
+    return SparseRows(ids, torch.cat([values, label[:, None], tail[:, None]], dim=-1))
 
 
 # ---------------------------------------------------------------------------- writing
