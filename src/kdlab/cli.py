@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config field, e.g. --set cache.k=32 (repeatable)",
     )
 
+    compare = sub.add_parser(
+        "compare", help="a grid of runs (methods x seeds x values) -> leaderboard + report"
+    )
+    compare.add_argument("config", help="comparison YAML (base run config, methods, seeds, grid)")
+
     ev = sub.add_parser("eval", help="accuracy / perplexity / fidelity of a saved model")
     ev.add_argument("--model", required=True, help="model path or hub id")
     ev.add_argument("--teacher", default=None, help="teacher path or hub id (for fidelity)")
@@ -138,6 +143,15 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from kdlab.compare import run_comparison
+
+    report = run_comparison(args.config)
+    print(report.read_text().split("\n\n")[2])  # the leaderboard table
+    print(f"\nreport: {report} (and {report.with_suffix('.html')})")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -195,6 +209,7 @@ def _cmd_regimes(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "cache-teacher": _cmd_cache_teacher,
+    "compare": _cmd_compare,
     "demo": _cmd_demo,
     "distill": _cmd_distill,
     "eval": _cmd_eval,
