@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kdlab.eval.aggregate import summarise
 from kdlab.train.metrics_log import read_metrics
 
 
@@ -79,17 +78,12 @@ def plot_scatter(
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value); NaNs are ignored."""
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals:
-        return math.nan, math.nan
-    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+    summary = summarise(values)
+    return summary.mean, summary.std
 
 
 def format_metric(values: Sequence[float], digits: int = 3) -> str:
-    mean, std = mean_std(values)
-    if math.isnan(mean):
-        return "–"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+    return summarise(values).format(digits)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
