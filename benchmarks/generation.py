@@ -38,18 +38,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _models import BOS, FIRST_TOKEN, PAD, random_llama
 from torch import nn
 
+LARGE_VOCAB = 32000
 LARGE = {
-    "vocab_size": 32000,
     "hidden_size": 512,
     "num_hidden_layers": 8,
     "num_attention_heads": 8,
     "num_key_value_heads": 8,
     "intermediate_size": 1408,
 }
-PAD, BOS, EOS = 0, 1, 2  # the arith tokenizer's ids; the synthetic config uses the same
-FIRST_TOKEN = 3  # random tokens are drawn from [FIRST_TOKEN, vocab): no special tokens
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,19 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(preset: str, seed: int) -> nn.Module:
     """A randomly initialised Llama of size `preset`, the same for the same seed."""
     if preset == "large":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        config = LlamaConfig(
-            **LARGE,
-            max_position_embeddings=512,
-            bos_token_id=BOS,
-            eos_token_id=EOS,
-            pad_token_id=PAD,
-            tie_word_embeddings=False,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return LlamaForCausalLM(config)
+        return random_llama(LARGE, vocab=LARGE_VOCAB, seed=seed, max_len=512)
     from kdlab.models.tiny import build_preset
     from kdlab.tasks import get_task
 

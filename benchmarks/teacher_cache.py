@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _models import BOS, FIRST_TOKEN, PAD, random_llama
 from torch import Tensor, nn
 
 SIZE_VOCABS = (32000, 128256, 151936)
@@ -82,8 +83,6 @@ DISK_TEACHER = {
     "num_key_value_heads": 4,
     "intermediate_size": 128,
 }
-PAD, BOS, EOS = 0, 1, 2
-FIRST_TOKEN = 3  # random tokens are drawn from [FIRST_TOKEN, vocab)
 # part 3: (method name, cache mode or None for the online teacher, k)
 METHODS = (
     ("dense", None, None),
@@ -141,24 +140,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------- shared helpers
-
-
-def llama(shape: dict[str, int], vocab: int, seed: int, max_len: int) -> nn.Module:
-    """A randomly initialised Llama, the same for the same seed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        **shape,
-        vocab_size=vocab,
-        max_position_embeddings=max_len,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
 
 
 def synthetic(n: int, prompt: tuple[int, int], completion: tuple[int, int], vocab: int) -> list:
@@ -302,7 +283,7 @@ def on_disk(args: argparse.Namespace) -> dict[str, Any]:
     from kdlab.teachers.cache import TeacherCache, batch_keys, top_k_rows, write_cache
 
     examples = synthetic(args.examples, (8, 32), (16, 64), args.vocab)
-    model = llama(DISK_TEACHER, args.vocab, seed=1, max_len=128).eval()
+    model = random_llama(DISK_TEACHER, vocab=args.vocab, seed=1, max_len=128).eval()
     plan = plan_for(examples, args.vocab, args.k, "random-llama-h64", args.shard_examples)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cache"
@@ -422,11 +403,11 @@ def build_trainers(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any]
 
     half = args.seq_len // 2
     data = synthetic(args.batch * args.batches, (half, half), (half, half), args.vocab)
-    teacher = llama(TEACHER, args.vocab, seed=1, max_len=args.seq_len).eval()
+    teacher = random_llama(TEACHER, vocab=args.vocab, seed=1, max_len=args.seq_len).eval()
     plan = plan_for(data, args.vocab, args.k, "random-llama-h512")
     write_cache(teacher, data, plan, work / "cache", pad_id=PAD, batch_size=args.batch)
     cached = CachedTeacher(TeacherCache(work / "cache"))
-    student = llama(STUDENT, args.vocab, seed=0, max_len=args.seq_len)
+    student = random_llama(STUDENT, vocab=args.vocab, seed=0, max_len=args.seq_len)
     accelerator = Accelerator(cpu=True)
     steps = args.warmup + args.reps + 1
     spec = TrainSpec(
