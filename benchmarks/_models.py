@@ -1,6 +1,9 @@
-"""Shared by the benchmark scripts: randomly initialised Llama models and their special ids."""
+"""Shared by the benchmark scripts: random Llama models, their special ids, the machine's name."""
 
 from __future__ import annotations
+
+import platform
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,3 +28,16 @@ def random_llama(shape: dict[str, int], *, vocab: int, seed: int, max_len: int) 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
+
+
+def device_name(device: str = "cpu") -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo (for the results' header)."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

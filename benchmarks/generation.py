@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import tempfile
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _models import BOS, FIRST_TOKEN, PAD, random_llama
+from _models import BOS, FIRST_TOKEN, PAD, device_name, random_llama
 from torch import nn
 
 LARGE_VOCAB = 32000
@@ -235,18 +234,6 @@ def markdown(results: list[dict]) -> str:
             f"| {cache / plain:.2f}x | {off:.3f} | {on:.3f} | {on / off:.2f}x |"
         )
     return "\n".join(lines)
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,7 +39,6 @@ import copy
 import json
 import logging
 import math
-import platform
 import statistics
 import tempfile
 import time
@@ -48,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _models import BOS, FIRST_TOKEN, PAD, random_llama
+from _models import BOS, FIRST_TOKEN, PAD, device_name, random_llama
 from torch import Tensor, nn
 
 SIZE_VOCABS = (32000, 128256, 151936)
@@ -191,16 +190,6 @@ def kdlab_codec(vocab: int, k: int, bits: int | None = None):
 
     k = min(k, vocab)
     return Codec(vocab, k, bits or auto_value_bits(vocab, k, LOG_FLOOR), LOG_FLOOR, TRAILING)
-
-
-def device_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_json(path: str | None, part: str, results: Any, args: argparse.Namespace) -> None:
