@@ -128,3 +128,70 @@ def test_the_quick_example_is_a_valid_comparison() -> None:
 
     entries, _ = load_comparison(CONFIGS / "compare" / "quick.yaml")
     assert len(entries) >= 3 and all(len(e.configs) == 2 for e in entries)
+
+
+def test_oracle_curves_give_a_teacher_hacking_section(tmp_path: Path) -> None:
+    import yaml
+
+    from conftest import save_tiny_model
+    from kdlab.compare import run_comparison
+    from kdlab.eval.hacking import detect_teacher_hacking
+    from kdlab.train.metrics_log import curve, read_metrics
+
+    teacher = save_tiny_model(tmp_path / "oracle-teacher", task="oracle", seed=5)
+    raw = comparison(tmp_path, teacher)
+    raw["base"]["data"] = {"dataset": "task:oracle", "num_examples": 12}
+    raw["base"]["train"]["max_steps"] = 6
+    raw["base"]["eval"] = {"num_examples": 8, "every": 2, "curve_examples": 8}
+    raw["methods"] = {"small-data": {"data.num_examples": 6}, "more-data": {}}
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    report = run_comparison(path).read_text()
+    assert "## Teacher hacking" in report and "proxy_golden.png" in report
+    verdicts = json.loads((tmp_path / "cmp" / "teacher_hacking.json").read_text())
+    assert set(verdicts) == {"small-data", "more-data"}
+    assert len(verdicts["small-data"]["seeds"]) == 2
+    # each seed's verdict is the detector's on that run's logged curves
+    records = read_metrics(tmp_path / "cmp" / "runs" / "more-data" / "seed1")
+    proxy, golden = (
+        curve(records, "eval/train/kl_teacher_student"),
+        curve(records, "eval/golden_kl"),
+    )
+    again = detect_teacher_hacking(
+        [s for s, _ in proxy], [v for _, v in proxy], [v for _, v in golden]
+    )
+    assert verdicts["more-data"]["seeds"][1]["pattern"] == again.pattern
+    assert verdicts["more-data"]["seeds"][1]["golden_change"] == pytest.approx(again.golden_change)
+    page = (tmp_path / "cmp" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3 and "Teacher hacking" in page
+
+
+def test_a_base_cache_is_written_once_and_shared(tmp_path: Path, tiny_teacher: Path) -> None:
+    import yaml
+
+    from kdlab.compare import run_comparison
+
+    cache = tmp_path / "cmp" / "teacher-cache"
+    raw = comparison(tmp_path, tiny_teacher, seeds=1)
+    raw["base"]["cache"] = {"path": str(cache), "k": 4}
+    raw["methods"] = {"fkl": {}, "fkl@cache": {"teacher": {"cache": str(cache)}}}
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run_comparison(path)
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["k"] == 4
+    stamp = (cache / "meta.json").stat().st_mtime_ns
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    cached_run = Path(results["fkl@cache"][0]["dir"])
+    assert yaml.safe_load((cached_run / "config.yaml").read_text())["teacher"]["cache"] == str(
+        cache
+    )
+    run_comparison(path)  # a re-run reuses the finished cache
+    assert (cache / "meta.json").stat().st_mtime_ns == stamp
+    no_teacher = comparison(tmp_path, tiny_teacher)
+    no_teacher["base"]["teacher"] = None
+    no_teacher["base"]["cache"] = {"path": str(cache)}
+    no_teacher["methods"] = {"ce": {"loss.name": "ce"}}
+    path.write_text(yaml.safe_dump(no_teacher))
+    with pytest.raises(ConfigError, match="base.cache needs base.teacher.model"):
+        run_comparison(path)

@@ -20,6 +20,7 @@ from kdlab.eval import (
     score_answers,
     task_accuracy,
 )
+from kdlab.eval.metrics import teacher_log_probs
 from kdlab.models import build_preset
 from kdlab.tasks import ArithTask, OracleTask
 
@@ -90,8 +91,42 @@ def test_fidelity_slices_padded_lm_head(arith):
     )
     result = fidelity(padded, model, batches)
     assert result["top1_agreement"] == 1.0 and abs(result["kl_teacher_student"]) < 1e-6
+    # the padded model as the teacher, its log-probs computed once: renormalised over shared ids
+    once = teacher_log_probs(padded, batches)
+    wider = fidelity(model, once, batches)
+    assert wider["top1_agreement"] == 1.0 and abs(wider["kl_student_teacher"]) < 1e-6
     other = fidelity(build_preset("tiny", tok, seed=1), model, batches)
     assert other["kl_teacher_student"] > 0 and other["top1_agreement"] < 1
+
+
+def test_fidelity_topk_overlap_and_both_kl_directions_by_hand(arith):
+    """Fixed distributions over 4 tokens, the same at every position.
+
+    p (teacher) = [0.4, 0.3, 0.2, 0.1], q (student) = [0.1, 0.2, 0.3, 0.4]:
+    top-2(p) = {0, 1}, top-2(q) = {3, 2} -> overlap 0; top-3: {0,1,2} ∩ {3,2,1} = 2 -> 2/3.
+    KL(p‖q) = Σ p log(p/q) = 0.4 ln 4 + 0.3 ln 1.5 + 0.2 ln(2/3) + 0.1 ln(1/4) = 0.45656;
+    KL(q‖p) is the same by the symmetry of this pair (q is p reversed).
+    """
+    _, tok, batches = arith
+    p = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    teacher = _FixedLogits(lambda ids: p.log().expand(*ids.shape, 4))
+    student = _FixedLogits(lambda ids: q.log().expand(*ids.shape, 4))
+    by_hand = 0.4 * math.log(4) + 0.3 * math.log(1.5) + 0.2 * math.log(2 / 3) + 0.1 * math.log(0.25)
+    two = fidelity(student, teacher, batches, top_k=2)
+    assert two["topk_overlap"] == 0.0 and two["top1_agreement"] == 0.0
+    assert two["kl_teacher_student"] == pytest.approx(by_hand, rel=1e-5)
+    assert two["kl_student_teacher"] == pytest.approx(by_hand, rel=1e-5)
+    assert fidelity(student, teacher, batches, top_k=3)["topk_overlap"] == pytest.approx(2 / 3)
+    # k larger than the vocabulary compares whole vocabularies
+    assert fidelity(student, teacher, batches, top_k=50)["topk_overlap"] == 1.0
+    # the directions differ for an asymmetric pair: KL(q‖p) with q = uniform
+    uniform = _FixedLogits(lambda ids: torch.zeros(*ids.shape, 4))
+    r = fidelity(uniform, teacher, batches)
+    assert r["kl_student_teacher"] == pytest.approx(float((0.25 * (0.25 / p).log()).sum()))
+    assert r["kl_teacher_student"] == pytest.approx(float((p * (p / 0.25).log()).sum()))
+    with pytest.raises(ValueError, match="top_k"):
+        fidelity(student, teacher, batches, top_k=0)
 
 
 def test_perplexity_of_uniform_model_is_vocab_size(arith):

@@ -1,3 +1,3 @@
 """kdlab: knowledge distillation of language models."""
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"

@@ -54,13 +54,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("config", help="comparison YAML (base run config, methods, seeds, grid)")
 
-    ev = sub.add_parser("eval", help="accuracy / perplexity / fidelity of a saved model")
+    ev = sub.add_parser(
+        "eval", help="accuracy / perplexity / fidelity of a saved model, or lm-eval tasks"
+    )
     ev.add_argument("--model", required=True, help="model path or hub id")
     ev.add_argument("--teacher", default=None, help="teacher path or hub id (for fidelity)")
-    ev.add_argument("--task", required=True, help="built-in task: arith or oracle")
+    ev.add_argument("--task", default=None, help="built-in task: arith or oracle")
     ev.add_argument("--num-examples", type=int, default=200, help="held-out examples")
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--out", default=None, help="JSON file for the metrics")
+    ev.add_argument(
+        "--batch-size", type=int, default=None, help="default: 64 for --task, 8 for --lm-eval"
+    )
+    ev.add_argument("--out", "--output", default=None, help="JSON file for the metrics")
+    ev.add_argument(
+        "--lm-eval",
+        default=None,
+        metavar="TASKS",
+        help="comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy "
+        '(needs pip install "kdlab[lm-eval]"; see docs/evaluation.md)',
+    )
+    ev.add_argument(
+        "--lm-eval-include", default=None, metavar="DIR", help="folder of local lm-eval task YAMLs"
+    )
+    ev.add_argument("--limit", type=int, default=None, help="lm-eval: at most N examples per task")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
 
     sub.add_parser("losses", help="registered losses, their hyperparameters and papers")
     sub.add_parser("regimes", help="registered regimes (where training sequences come from)")
@@ -147,7 +163,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from kdlab.compare import run_comparison
 
     report = run_comparison(args.config)
-    print(report.read_text().split("\n\n")[2])  # the leaderboard table
+    # the leaderboard and any verdicts, without the plots
+    print("\n".join(line for line in report.read_text().splitlines() if not line.startswith("![")))
     print(f"\nreport: {report} (and {report.with_suffix('.html')})")
     return 0
 
@@ -156,21 +173,61 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from kdlab.eval.evaluate import evaluate_saved
-
-    metrics = evaluate_saved(
-        model=args.model,
-        teacher=args.teacher,
-        task=args.task,
-        num_examples=args.num_examples,
-        batch_size=args.batch_size,
-    )
+    if args.lm_eval is not None:
+        return _eval_lm_eval(args)
+    if args.task is None:
+        print("kdlab: error: eval needs --task, --lm-eval or both", file=sys.stderr)
+        return EXIT_USAGE
+    metrics = _eval_builtin(args)
     for key, value in metrics.items():
         print(f"{key:24s} {value:.4f}" if isinstance(value, float) else f"{key:24s} {value}")
     out = Path(args.out) if args.out else Path(args.model) / f"eval_{args.task}.json"
     if out.parent.is_dir():
         out.write_text(json.dumps(metrics, indent=2))
         print(f"saved to {out}")
+    return 0
+
+
+def _eval_builtin(args: argparse.Namespace) -> dict[str, float]:
+    from kdlab.eval.evaluate import evaluate_saved
+
+    return evaluate_saved(
+        model=args.model,
+        teacher=args.teacher,
+        task=args.task,
+        num_examples=args.num_examples,
+        batch_size=args.batch_size or 64,
+    )
+
+
+def _eval_lm_eval(args: argparse.Namespace) -> int:
+    """`--lm-eval`: lm-eval tasks, after the built-in `--task` when one is given too."""
+    import json
+    from pathlib import Path
+
+    from kdlab.eval.lm_eval import run_lm_eval
+
+    if args.teacher is not None and args.task is None:
+        print("kdlab: error: --teacher needs --task (fidelity is built-in only)", file=sys.stderr)
+        return EXIT_USAGE
+    tasks = list(dict.fromkeys(t.strip() for t in args.lm_eval.split(",") if t.strip()))
+    results = {args.task: _eval_builtin(args)} if args.task is not None else {}
+    results |= run_lm_eval(
+        args.model,
+        tasks,
+        include_path=args.lm_eval_include,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size or 8,
+    )
+    print(f"{'task':24s} {'metric':24s} value")
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else value
+            print(f"{task:24s} {metric:24s} {shown}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"saved to {args.out}")
     return 0
 
 

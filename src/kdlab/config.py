@@ -184,6 +184,14 @@ class EvalSpec:
         16,
     )
     teacher: bool = _help("also evaluate the teacher (accuracy), for the report", False)
+    every: int = _help(
+        "during training, every N steps: distance to the teacher (proxy), to the true "
+        "distribution on `oracle` (golden) and perplexity, logged as `eval/...` (0: off)",
+        0,
+    )
+    curve_examples: int = _help(
+        "held-out (and training) examples used by the evaluation every `eval.every` steps", 64
+    )
 
 
 @dataclass(frozen=True)
@@ -233,6 +241,8 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "data.num_examples": (1, None),
     "eval.num_examples": (1, None),
     "eval.batch_size": (1, None),
+    "eval.every": (0, None),
+    "eval.curve_examples": (1, None),
     "teacher.k": (1, None),
     "cache.k": (1, None),
     "cache.value_bits": (2, 8),

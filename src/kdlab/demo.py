@@ -3,8 +3,9 @@
 1. A teacher is trained on `arith` once and cached (see `kdlab.zoo`).
 2. A much smaller student is distilled from it with several methods and seeds, on a small data
    set; `ce` is the SFT-only baseline (no teacher).
-3. Every student and the teacher are evaluated; a leaderboard (mean ± std over seeds) and
-   `report.md` with plots are written to `--out`.
+3. Every student and the teacher are evaluated; the leaderboard (mean ± std, 95% interval and
+   rank over seeds), `report.md` with plots and a self-contained `report.html` are written to
+   `--out` by `kdlab compare`'s machinery (`kdlab.compare.write_reports`).
 
 A method `<loss>@cache` trains from an offline teacher cache (top-`DEMO_CACHE_K` of the 21-token
 vocabulary, written once into `--out/teacher-cache`) instead of the teacher in memory; its
@@ -20,15 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdlab.compare import leaderboard, leaderboard_text, table_cells, write_reports
 from kdlab.config import RunConfig, from_dict
-from kdlab.eval.report import (
-    format_metric,
-    markdown_table,
-    mean_std,
-    plot_scatter,
-    smooth,
-)
-from kdlab.train.metrics_log import read_metrics
 
 logger = logging.getLogger("kdlab")
 
@@ -78,15 +72,6 @@ QUICK = DemoPlan(
     data={"dataset": "task:arith", "num_examples": 600},
     eval_examples=100,
 )
-
-LEADERBOARD_METRICS = (
-    ("accuracy", "accuracy ↑"),
-    ("top1_agreement", "top-1 agreement ↑"),
-    ("answer_agreement", "answer agreement ↑"),
-    ("kl_teacher_student", "KL(teacher‖student) ↓"),
-    ("perplexity", "perplexity ↓"),
-)
-
 
 # Regime settings of the demo's `regime+loss` methods. Arith answers are at most 4 tokens + eos;
 # the warm-up is a short cross-entropy phase on the revised answers before the 450 KD steps.
@@ -174,9 +159,18 @@ def run_demo(
     (out / "results.json").write_text(
         json.dumps({"teacher": teacher_metrics, "students": results}, indent=2)
     )
-    report = write_demo_report(out, plan, teacher_metrics, results, n_seeds, elapsed)
-    print(leaderboard_text(teacher_metrics, results))
-    print(f"\nreport: {report}")
+    table = leaderboard(results)
+    report = write_reports(
+        out,
+        table,
+        results,
+        title="kdlab demo",
+        preamble=demo_preamble(plan, n_seeds, elapsed),
+        reference=teacher_metrics,
+        labels=LABELS,
+    )
+    print(leaderboard_text(*table_cells(table, reference=teacher_metrics, labels=LABELS)))
+    print(f"\nreport: {report} (and report.html)")
     return report
 
 
@@ -201,111 +195,17 @@ def fidelity_after_cache(run: Path, teacher: str, plan: DemoPlan) -> dict[str, A
     return json.loads(path.read_text())
 
 
-def leaderboard_rows(
-    teacher: dict[str, float], results: dict[str, list[dict[str, Any]]]
-) -> tuple[list[str], list[list[str]]]:
-    header = ["model", *[title for _, title in LEADERBOARD_METRICS], "seeds"]
-    rows = [
-        [
-            "teacher",
-            format_metric([teacher["accuracy"]]),
-            "–",
-            "–",
-            "–",
-            format_metric([teacher["perplexity"]]),
-            "1",
-        ]
-    ]
-    ranked = sorted(results, key=lambda m: -mean_std([r["accuracy"] for r in results[m]])[0])
-    for method in ranked:
-        runs = results[method]
-        name = "ce (SFT only)" if method == "ce" else method
-        cells = [
-            format_metric([r.get(k, float("nan")) for r in runs]) for k, _ in LEADERBOARD_METRICS
-        ]
-        rows.append([name, *cells, str(len(runs))])
-    return header, rows
+LABELS = {"ce": "ce (SFT only)"}
 
 
-def leaderboard_text(teacher: dict[str, float], results: dict[str, list[dict[str, Any]]]) -> str:
-    header, rows = leaderboard_rows(teacher, results)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]
-    ]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
-
-
-def _learning_curves(out: Path, results: dict[str, list[dict[str, Any]]]) -> Path:
-    from kdlab.eval.report import _pyplot
-
-    plt = _pyplot()
-    methods = list(results)
-    cols = min(3, len(methods))
-    rows = (len(methods) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, method in zip(axes.flat, methods, strict=False):
-        for i, run in enumerate(results[method]):
-            records = read_metrics(Path(run["dir"]))
-            steps = [r["step"] for r in records]
-            values = smooth([r["loss"] for r in records], max(len(records) // 15, 1))
-            ax.plot(steps, values, alpha=0.8, label=f"seed {i}")
-        ax.set_title(method)
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(methods) :]:
-        ax.axis("off")
-    fig.suptitle("training loss per method (each in its own units)")
-    fig.tight_layout()
-    path = out / "learning_curves.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def write_demo_report(
-    out: Path,
-    plan: DemoPlan,
-    teacher: dict[str, float],
-    results: dict[str, list[dict[str, Any]]],
-    n_seeds: int,
-    elapsed: float,
-) -> Path:
-    curves = _learning_curves(out, results)
-    scatter = plot_scatter(
-        {m: [(r["top1_agreement"], r["accuracy"]) for r in runs] for m, runs in results.items()},
-        out / "accuracy_vs_fidelity.png",
-        xlabel="fidelity: top-1 agreement with the teacher",
-        ylabel="accuracy (exact match)",
-        reference=(1.0, teacher["accuracy"]),
-    )
-    header, rows = leaderboard_rows(teacher, results)
-    text = [
-        "# kdlab demo",
-        "",
-        f"Task `arith` (integer arithmetic, exact-match accuracy by greedy generation). Teacher: "
+def demo_preamble(plan: DemoPlan, n_seeds: int, elapsed: float) -> str:
+    return (
+        "Task `arith` (integer arithmetic, exact-match accuracy by greedy generation). Teacher: "
         f"preset `base` trained with the `{plan.teacher_recipe}` recipe; students: preset "
         f"`{plan.student['model'].split(':')[-1]}`, {plan.train['max_steps']} steps on "
         f"{plan.data['num_examples']} examples; {n_seeds} seed(s) per method; "
-        f"{plan.eval_examples} held-out problems. Total time {elapsed / 60:.1f} min.",
-        "",
-        "## Leaderboard (mean ± std over seeds, sorted by accuracy)",
-        "",
-        markdown_table(header, rows),
-        "",
-        "Accuracy is generalization; top-1 agreement, answer agreement and KL(teacher‖student) "
-        "on held-out completions are fidelity to the teacher. `ce` never sees the teacher.",
-        "",
-        "## Accuracy against fidelity",
-        "",
-        f"![accuracy vs fidelity]({scatter.name})",
-        "",
-        "## Learning curves",
-        "",
-        f"![learning curves]({curves.name})",
-        "",
-    ]
-    path = out / "report.md"
-    path.write_text("\n".join(text))
-    return path
+        f"{plan.eval_examples} held-out problems; total time {elapsed / 60:.1f} min. "
+        "Accuracy is generalization; top-1 agreement, top-5 overlap, answer agreement and the KLs "
+        "on held-out completions are fidelity to the teacher; `ce` never sees the teacher; "
+        "`@cache` trains from an offline top-8 teacher cache."
+    )

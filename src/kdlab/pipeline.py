@@ -249,6 +249,8 @@ def run_distill(
         output_dir=out,
         accelerator=accelerator,
         vocab=loaded.vocab,
+        evaluator=_curve_evaluator(config, loaded),
+        eval_every=config.eval.every,
     )
     result = trainer.train(resume=resume, stop_after=stop_after)
     student = accelerator.unwrap_model(trainer.model)
@@ -335,6 +337,24 @@ def _evaluate(config: RunConfig, loaded: Loaded, student: PreTrainedModel) -> di
             batch_size=config.eval.batch_size,
             with_teacher=config.eval.teacher,
         )
+
+
+def _curve_evaluator(config: RunConfig, loaded: Loaded) -> Any:
+    """The evaluation every `eval.every` steps (none when 0)."""
+    if config.eval.every <= 0:
+        return None
+    from kdlab.eval.evaluate import curve_evaluator
+
+    return curve_evaluator(
+        teacher=loaded.teacher,
+        tokenizer=loaded.tokenizer,
+        task=task_name(config.data),
+        task_args=config.data.task_args,
+        eval_encoded=loaded.eval_encoded,
+        train_encoded=loaded.train,
+        num_examples=config.eval.curve_examples,
+        batch_size=config.eval.batch_size,
+    )
 
 
 def _fresh_accelerator_state() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -72,6 +72,56 @@ def _model_metrics(model, tokenizer, task, records, batches, batch_size) -> dict
     if hasattr(task, "true_next_token_probs"):
         out.update(metrics.golden_metrics(model, task, tokenizer, batches))
     return out
+
+
+def curve_evaluator(
+    *,
+    teacher: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase,
+    task: str | None,
+    task_args: dict[str, Any] | None,
+    eval_encoded: Sequence[Encoded],
+    train_encoded: Sequence[Encoded],
+    num_examples: int,
+    batch_size: int,
+) -> Callable[[PreTrainedModel], dict[str, float]]:
+    """The cheap evaluation run every `eval.every` steps (no generation), for curves.
+
+    On the first `num_examples` held-out examples: `perplexity`, and with a teacher model the
+    proxy distance `kl_teacher_student` (with `kl_student_teacher`, `top1_agreement`), and on
+    `oracle` the golden distance `golden_kl`; on the first `num_examples` training examples,
+    `train/kl_teacher_student` (the proxy where the optimiser sees it).
+    """
+    pad = tokenizer.pad_token_id
+    held_out = _batches(eval_encoded[:num_examples], pad, batch_size)
+    seen = _batches(train_encoded[:num_examples], pad, batch_size)
+    # the teacher is fixed: its side of every comparison is computed once
+    t_held_out = t_seen = None
+    if teacher is not None:
+        t_held_out = metrics.teacher_log_probs(teacher, held_out)
+        t_seen = metrics.teacher_log_probs(teacher, seen)
+    oracle = None
+    if task is not None:
+        from kdlab.tasks import get_task
+
+        task_obj = get_task(task, **(task_args or {}))
+        oracle = task_obj if hasattr(task_obj, "true_next_token_probs") else None
+
+    def evaluate(student: PreTrainedModel) -> dict[str, float]:
+        out = {"perplexity": metrics.perplexity(student, held_out)}
+        if oracle is not None:
+            out["golden_kl"] = metrics.golden_metrics(student, oracle, tokenizer, held_out)[
+                "golden_kl"
+            ]
+        if t_held_out is not None:
+            fid = metrics.fidelity(student, t_held_out, held_out)
+            out.update({k: fid[k] for k in ("kl_teacher_student", "kl_student_teacher")})
+            out["top1_agreement"] = fid["top1_agreement"]
+            train_fid = metrics.fidelity(student, t_seen, seen)
+            out["train/kl_teacher_student"] = train_fid["kl_teacher_student"]
+        return out
+
+    return evaluate
 
 
 def evaluate_saved(

@@ -23,6 +23,7 @@ from kdlab.tasks.base import Task
 from kdlab.tasks.oracle import OracleTask
 
 Batch = dict[str, Tensor]
+TOP_K = 5  # size of the top-k sets compared by `fidelity`'s `topk_overlap`
 
 
 def generate_answers(
@@ -112,36 +113,67 @@ def perplexity(
 
 def fidelity(
     student: nn.Module,
-    teacher: nn.Module,
-    batches: Iterable[Batch],
+    teacher: nn.Module | Sequence[Tensor],
+    batches: Sequence[Batch],
     *,
     vocab_size: int | None = None,
+    top_k: int = TOP_K,
 ) -> dict[str, float]:
     """How closely the student follows the teacher at counted positions (p teacher, q student).
 
     Args:
         student: a causal LM.
-        teacher: a causal LM over the same tokenizer (it may live on another device or dtype).
+        teacher: a causal LM over the same tokenizer (it may live on another device or dtype),
+            or its `teacher_log_probs` on these `batches`, computed once for repeated use.
         batches: batches with `input_ids`, `attention_mask`, `labels` `[B, T]`.
         vocab_size: logits kept from each model; default the smaller of the two vocabularies
             (drops lm_head padding).
+        top_k: size of the top-k sets compared by `topk_overlap` (capped at the vocabulary).
 
     Returns:
-        `top1_agreement`: share of positions where the argmaxes agree; `kl_teacher_student`: mean
-        token KL(p‖q) in nats.
+        `top1_agreement`: share of positions where the argmaxes agree; `topk_overlap`: mean
+        |top-k(p) ∩ top-k(q)| / k; `kl_teacher_student`: mean token KL(p‖q) and
+        `kl_student_teacher`: mean token KL(q‖p), in nats.
     """
-    agree, kl, count = 0.0, 0.0, 0
-    with eval_mode(student, teacher), torch.inference_mode():
-        for batch in batches:
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if isinstance(teacher, nn.Module):
+        teacher = teacher_log_probs(teacher, batches, vocab_size=vocab_size)
+    if len(teacher) != len(batches):
+        raise ValueError(f"got teacher log-probs for {len(teacher)} batches, not {len(batches)}")
+    agree, overlap, kl, rkl, count = 0.0, 0.0, 0.0, 0.0, 0
+    with eval_mode(student), torch.inference_mode():
+        for batch, t_log_p in zip(batches, teacher, strict=True):
             q_logits, labels = _counted_logits(student, batch, vocab_size)  # [N, Vs]
-            p_logits, _ = _counted_logits(teacher, batch, vocab_size)  # [N, Vt]
-            width = min(q_logits.shape[-1], p_logits.shape[-1])
-            log_q, log_p = _log_probs(q_logits, width), _log_probs(p_logits.to(q_logits), width)
+            width = min(q_logits.shape[-1], t_log_p.shape[-1])
+            log_q = _log_probs(q_logits, width)
+            log_p = t_log_p.to(q_logits) if width == t_log_p.shape[-1] else None
+            if log_p is None:  # a wider teacher head: renormalise over the shared entries
+                log_p = t_log_p[..., :width].to(q_logits).log_softmax(-1)
             agree += (log_q.argmax(-1) == log_p.argmax(-1)).sum().item()
+            overlap += _topk_overlap(log_p, log_q, min(top_k, width)).sum().item()
             kl += _kl(log_p, log_q).sum().item()
+            rkl += _kl(log_q, log_p).sum().item()
             count += labels.numel()
     count = _nonzero(count)
-    return {"top1_agreement": agree / count, "kl_teacher_student": kl / count}
+    return {
+        "top1_agreement": agree / count,
+        "topk_overlap": overlap / count,
+        "kl_teacher_student": kl / count,
+        "kl_student_teacher": rkl / count,
+    }
+
+
+def teacher_log_probs(
+    teacher: nn.Module, batches: Sequence[Batch], *, vocab_size: int | None = None
+) -> list[Tensor]:
+    """float32 log-probabilities `[N, V]` of the counted positions of each batch.
+
+    A fixed teacher's side of `fidelity`, computed once when students are compared against it
+    repeatedly (the evaluation every `eval.every` steps).
+    """
+    with eval_mode(teacher), torch.inference_mode():
+        return [_counted_logits(teacher, batch, vocab_size)[0].log_softmax(-1) for batch in batches]
 
 
 def golden_metrics(
@@ -197,6 +229,13 @@ def _counted_logits(
 
 def _log_probs(logits: Tensor, width: int) -> Tensor:
     return logits[..., :width].log_softmax(-1)
+
+
+def _topk_overlap(log_p: Tensor, log_q: Tensor, k: int) -> Tensor:
+    """Per-row |top-k(p) ∩ top-k(q)| / k `[N]` (ties broken by `torch.topk`)."""
+    top_p = log_p.topk(k, dim=-1).indices  # [N, k]
+    top_q = log_q.topk(k, dim=-1).indices  # [N, k]
+    return (top_p.unsqueeze(-1) == top_q.unsqueeze(-2)).any(-1).sum(-1) / k
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:

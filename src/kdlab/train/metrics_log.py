@@ -43,6 +43,12 @@ def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def curve(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    """`(step, value)` of the records that hold `key` (evaluations are logged every few steps,
+    and step 0 holds only the evaluation before training)."""
+    return [(r["step"], r[key]) for r in records if key in r]
+
+
 def format_record(record: dict[str, Any]) -> str:
     parts = [f"step {record['step']}"]
     for key, value in record.items():

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
@@ -78,6 +80,10 @@ class Trainer:
         output_dir: the run folder (checkpoints, `metrics.jsonl`, `train_state.json`).
         accelerator: the `Accelerator` (one process, DDP, FSDP, ...).
         vocab: number of logits to compare (trims a padded lm_head); `None`: all.
+        evaluator: called with the (unwrapped) student before the first step, every
+            `eval_every` steps and after the last; its values are logged as `eval/<name>` in
+            `metrics.jsonl` (curves over training: proxy and golden distances, perplexity).
+        eval_every: steps between evaluator calls (0: never).
     """
 
     def __init__(
@@ -91,6 +97,8 @@ class Trainer:
         output_dir: Path,
         accelerator: Accelerator,
         vocab: int | None = None,
+        evaluator: Callable[[PreTrainedModel], dict[str, float]] | None = None,
+        eval_every: int = 0,
     ) -> None:
         if loss_fn.needs_teacher and teacher is None:
             raise ValueError("this loss needs a teacher, but none was given")
@@ -101,6 +109,8 @@ class Trainer:
         self.regime = regime
         self.output_dir = Path(output_dir)
         self.vocab = vocab
+        self.evaluator = evaluator if eval_every > 0 else None
+        self.eval_every = eval_every
         self.chunked = self._use_chunked(student)
         self.loss_fn.to(accelerator.device)
         params = [p for p in (*student.parameters(), *loss_fn.parameters()) if p.requires_grad]
@@ -254,7 +264,9 @@ class Trainer:
     def train(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
         """Run to `max_steps` (or stop after `stop_after` steps, checkpointed, for tests)."""
         start = self._resume() if resume else 0
-        self.log.truncate_after(start)
+        self.log.truncate_after(start if start else -1)  # nothing from an earlier start is kept
+        if start == 0 and self.evaluator is not None:
+            self._emit_eval_only(0)
         bar = tqdm(
             total=self.spec.max_steps,
             initial=start,
@@ -276,6 +288,8 @@ class Trainer:
                 self.loss_fn.on_step(step, self.spec.max_steps, record["loss"], terms)
                 regime_values = {f"regime/{k}": v for k, v in self.regime.after_step(step).items()}
                 record = {"step": step, **record, **self.loss_fn.log_values(), **regime_values}
+                if self._evaluate_now(step):
+                    record.update(self._curve_values())
                 record["elapsed_s"] = round(time.perf_counter() - began, 3)
                 self._emit(record, bar)
                 last = record["loss"]
@@ -289,6 +303,32 @@ class Trainer:
         self._checkpoint(step)
         self._write_state(step, finished=True)
         return TrainResult(steps=step, final_loss=last, resumed_from=start)
+
+    def _evaluate_now(self, step: int) -> bool:
+        return self.evaluator is not None and (
+            step % self.eval_every == 0 or step == self.spec.max_steps
+        )
+
+    def _curve_values(self) -> dict[str, float]:
+        """The evaluator's values as `eval/<name>`, on the main process (all of them under FSDP);
+        the other processes wait and log nothing."""
+        values: dict[str, float] = {}
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            # sharded parameters: every process takes part in the forward passes
+            result = self.evaluator(self.model)
+            if self.accelerator.is_main_process:
+                values = {f"eval/{k}": v for k, v in result.items()}
+        elif self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.model)
+            values = {f"eval/{k}": v for k, v in self.evaluator(model).items()}
+        self.accelerator.wait_for_everyone()
+        return values
+
+    def _emit_eval_only(self, step: int) -> None:
+        record = {"step": step, **self._curve_values()}
+        self.log.write(record)
+        if self.accelerator.is_main_process and self.spec.progress:
+            logger.info(format_record(record))
 
     def _emit(self, record: dict, bar: tqdm) -> None:
         self.log.write(record)
