@@ -258,7 +258,9 @@ def hacking_verdicts(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict
         if not all(len(p) >= 3 and len(g) >= 3 for p, g in zip(proxies, goldens, strict=True)):
             continue
         steps, proxy, _ = mean_curve(proxies)
-        _, golden, _ = mean_curve(goldens)
+        golden_steps, golden, _ = mean_curve(goldens)
+        if len(steps) < 3 or steps != golden_steps:  # the seeds were evaluated at other steps
+            continue
         seeds = [
             detect_teacher_hacking([s for s, _ in p], [v for _, v in p], [v for _, v in g])
             for p, g in zip(proxies, goldens, strict=True)
