@@ -94,10 +94,11 @@ def curve_evaluator(
     """
     pad = tokenizer.pad_token_id
     held_out = _batches(eval_encoded[:num_examples], pad, batch_size)
-    seen = _batches(train_encoded[:num_examples], pad, batch_size)
+    seen: list[dict] = []
     # the teacher is fixed: its side of every comparison is computed once
     t_held_out = t_seen = None
     if teacher is not None:
+        seen = _batches(train_encoded[:num_examples], pad, batch_size)
         t_held_out = metrics.teacher_log_probs(teacher, held_out)
         t_seen = metrics.teacher_log_probs(teacher, seen)
     oracle = None
