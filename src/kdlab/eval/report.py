@@ -133,12 +133,6 @@ def plot_scatter(
     return path
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value); NaNs are ignored."""
-    summary = summarise(values)
-    return summary.mean, summary.std
-
-
 def format_metric(values: Sequence[float], digits: int = 3) -> str:
     return summarise(values).format(digits)
 
